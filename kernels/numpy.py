@@ -1,0 +1,237 @@
+"""NumPy backend: the reference kernels, BLAS GEMMs and ufuncs writing into ``out=``.
+
+Every kernel reads top to bottom as the math: an activation's forward sits beside
+its derivative, a loss's value beside its fused output delta. Scratch buffers
+(row maxima, softplus terms) are cached per shape, so steady-state training
+allocates no arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import LEAKY_SLOPE, Backend
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+    xp = np
+
+    def __init__(self) -> None:
+        self._scratch: dict[tuple, np.ndarray] = {}
+
+    def _buf(self, tag: str, shape: tuple, dtype) -> np.ndarray:
+        key = (tag, shape, np.dtype(dtype).str)
+        buf = self._scratch.get(key)
+        if buf is None:
+            buf = self._scratch[key] = np.empty(shape, dtype=dtype)
+        return buf
+
+    # ------------------------------------------------------------ arrays
+    def asarray(self, x, dtype=None):
+        if type(x).__module__.startswith("cupy"):
+            x = x.get()
+        return np.ascontiguousarray(x, dtype=dtype)
+
+    def take_rows(self, src, index, out):
+        # mode="clip" lets numpy write straight into `out` (mode="raise" buffers a copy).
+        np.take(src, index, axis=0, out=out, mode="clip")
+
+    def info(self) -> dict:
+        from threadpoolctl import threadpool_info
+
+        blas = [
+            {k: p.get(k) for k in ("internal_api", "version", "num_threads", "threading_layer", "architecture")}
+            for p in threadpool_info()
+            if p.get("user_api") == "blas"
+        ]
+        return {"name": self.name, "numpy": np.__version__, "blas": blas}
+
+    # ------------------------------------------------------------ basic kernels
+    def matmul(self, a, b, out, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0):
+        a = a.T if trans_a else a
+        b = b.T if trans_b else b
+        if beta == 0.0:
+            np.matmul(a, b, out=out)
+            if alpha != 1.0:
+                out *= alpha
+            return
+        tmp = self._buf("matmul", out.shape, out.dtype)
+        np.matmul(a, b, out=tmp)
+        if beta != 1.0:
+            out *= beta
+        if alpha != 1.0:
+            tmp *= alpha
+        out += tmp
+
+    def hadamard(self, a, b, out):
+        np.multiply(a, b, out=out)
+
+    def outer(self, x, y, out, *, alpha=1.0, accumulate=True):
+        tmp = self._buf("outer", out.shape, out.dtype) if accumulate else out
+        np.multiply(x[:, None], y[None, :], out=tmp)
+        if alpha != 1.0:
+            tmp *= alpha
+        if accumulate:
+            out += tmp
+
+    def add_bias(self, z, b):
+        z += b
+
+    def bias_grad(self, delta, out, *, alpha=1.0, accumulate=False):
+        if not accumulate:
+            np.sum(delta, axis=0, out=out)
+            if alpha != 1.0:
+                out *= alpha
+            return
+        tmp = self._buf("bias", out.shape, out.dtype)
+        np.sum(delta, axis=0, out=tmp)
+        if alpha != 1.0:
+            tmp *= alpha
+        out += tmp
+
+    # ---- activations: forward beside derivative
+    def activation(self, name, z, out):
+        if name == "sigmoid":
+            # exp(-log(1 + e^-z)): no overflow for any z, full relative precision near 0.
+            np.negative(z, out=out)
+            np.logaddexp(0.0, out, out=out)
+            np.negative(out, out=out)
+            np.exp(out, out=out)
+        elif name == "tanh":
+            np.tanh(z, out=out)
+        elif name == "relu":
+            np.maximum(z, 0.0, out=out)
+        elif name == "leaky_relu":
+            np.multiply(z, LEAKY_SLOPE, out=out)
+            np.maximum(z, out, out=out)
+        elif name == "identity":
+            if out is not z:
+                np.copyto(out, z)
+        elif name == "softmax":
+            rows = self._buf("rows", (z.shape[0], 1), z.dtype)
+            np.max(z, axis=1, keepdims=True, out=rows)
+            np.subtract(z, rows, out=out)
+            np.exp(out, out=out)
+            np.sum(out, axis=1, keepdims=True, out=rows)
+            out /= rows
+        else:
+            raise ValueError(f"unknown activation {name!r}")
+
+    def activation_backward(self, name, z, a, delta):
+        if name == "sigmoid":  # a (1 - a)
+            tmp = self._buf("act", delta.shape, delta.dtype)
+            np.subtract(1.0, a, out=tmp)
+            tmp *= a
+            delta *= tmp
+        elif name == "tanh":  # 1 - a^2
+            tmp = self._buf("act", delta.shape, delta.dtype)
+            np.multiply(a, a, out=tmp)
+            np.subtract(1.0, tmp, out=tmp)
+            delta *= tmp
+        elif name in ("relu", "leaky_relu"):  # 1 where z > 0, else 0 (relu) or the slope
+            mask = self._buf("mask", z.shape, np.bool_)
+            np.less_equal(z, 0.0, out=mask)
+            np.multiply(delta, LEAKY_SLOPE if name == "leaky_relu" else 0.0, out=delta, where=mask)
+        elif name == "identity":
+            pass
+        elif name == "softmax":  # J^T g = a (.) (g - <a, g>) per row
+            rows = self._buf("rows", (delta.shape[0], 1), delta.dtype)
+            tmp = self._buf("act", delta.shape, delta.dtype)
+            np.multiply(a, delta, out=tmp)
+            np.sum(tmp, axis=1, keepdims=True, out=rows)
+            delta -= rows
+            delta *= a
+        else:
+            raise ValueError(f"unknown activation {name!r}")
+
+    # ---- losses: value beside fused output delta
+    def output_delta(self, loss, output, z, a, y, delta):
+        if loss == "mse":  # c = 1/2 |a - y|^2, dc/da = a - y
+            np.subtract(a, y, out=delta)
+            total = 0.5 * float(np.vdot(delta, delta))
+            self.activation_backward(output, z, a, delta)
+            return total
+        if loss == "log_loss" and output == "sigmoid":  # dc/dz = a - y exactly
+            total = self.loss_sum(loss, output, z, a, y)
+            np.subtract(a, y, out=delta)
+            return total
+        if loss == "cross_entropy" and output == "softmax":  # dc/dz = a sum(y) - y
+            total = self.loss_sum(loss, output, z, a, y)
+            rows = self._buf("rows", (y.shape[0], 1), y.dtype)
+            np.sum(y, axis=1, keepdims=True, out=rows)
+            np.multiply(a, rows, out=delta)
+            delta -= y
+            return total
+        # Any other output activation: dc/da on the clipped activation, then phi'.
+        total = self.loss_sum(loss, output, z, a, y)
+        ac = self._clipped(a)
+        if loss == "log_loss":  # dc/da = (a - y) / (a (1 - a))
+            tmp = self._buf("ce", a.shape, a.dtype)
+            np.subtract(1.0, ac, out=tmp)
+            tmp *= ac
+            np.subtract(ac, y, out=delta)
+            delta /= tmp
+        else:  # cross_entropy: dc/da = -y / a
+            np.divide(y, ac, out=delta)
+            np.negative(delta, out=delta)
+        self.activation_backward(output, z, a, delta)
+        return total
+
+    def loss_sum(self, loss, output, z, a, y):
+        tmp = self._buf("loss", z.shape, z.dtype)
+        if loss == "mse":
+            np.subtract(a, y, out=tmp)
+            return 0.5 * float(np.vdot(tmp, tmp))
+        if loss == "log_loss" and output == "sigmoid":
+            # -[y log s(z) + (1-y) log(1-s(z))] = log(1 + e^z) - y z
+            np.logaddexp(0.0, z, out=tmp)
+            total = float(tmp.sum())
+            np.multiply(y, z, out=tmp)
+            return total - float(tmp.sum())
+        if loss == "cross_entropy" and output == "softmax":
+            # -sum_j y_j log softmax_j = sum_j y_j (logsumexp(z) - z_j)
+            rows = self._buf("rows", (z.shape[0], 1), z.dtype)
+            np.max(z, axis=1, keepdims=True, out=rows)
+            np.subtract(z, rows, out=tmp)
+            np.exp(tmp, out=tmp)
+            lse = self._buf("lse", (z.shape[0], 1), z.dtype)
+            np.sum(tmp, axis=1, keepdims=True, out=lse)
+            np.log(lse, out=lse)
+            lse += rows  # logsumexp per row
+            np.subtract(lse, z, out=tmp)
+            tmp *= y
+            return float(tmp.sum())
+        ac = self._clipped(a)
+        if loss == "log_loss":
+            tmp2 = self._buf("loss2", z.shape, z.dtype)
+            np.log(ac, out=tmp)
+            tmp *= y
+            np.subtract(1.0, ac, out=tmp2)
+            np.log(tmp2, out=tmp2)
+            one_minus_y = self._buf("loss3", z.shape, z.dtype)
+            np.subtract(1.0, y, out=one_minus_y)
+            tmp2 *= one_minus_y
+            tmp += tmp2
+            return -float(tmp.sum())
+        np.log(ac, out=tmp)
+        tmp *= y
+        return -float(tmp.sum())
+
+    def _clipped(self, a):
+        """``a`` clipped into ``[eps, 1 - eps]`` so logs and divisions stay finite."""
+        eps = np.finfo(a.dtype).eps
+        out = self._buf("clip", a.shape, a.dtype)
+        np.clip(a, eps, 1.0 - eps, out=out)
+        return out
+
+    def sgd_update(self, params, grads, lr):
+        tmp = self._buf("sgd", grads.shape, grads.dtype)
+        np.multiply(grads, lr, out=tmp)
+        params -= tmp
+
+
+
+def create() -> NumpyBackend:
+    """The NumPy backend is always usable."""
+    return NumpyBackend()
