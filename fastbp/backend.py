@@ -144,6 +144,9 @@ def array_module_name(x) -> str | None:
     return None
 
 
+_kernels_package()  # light: makes `fastbp.kernels.base` importable even from an uninstalled tree
+
+
 def to_numpy(array) -> np.ndarray:
     """A NumPy copy (or view) of an array from any backend, or of a list."""
     if array_module_name(array) == "cupy":

@@ -175,6 +175,10 @@ class NumpyBackend(Backend):
         else:  # cross_entropy: dc/da = -y / a
             np.divide(y, ac, out=delta)
             np.negative(delta, out=delta)
+        # The cost saw the clipped a, which is flat where clipping bit: no gradient there.
+        clipped = self._buf("mask", a.shape, np.bool_)
+        np.not_equal(a, ac, out=clipped)
+        np.copyto(delta, 0.0, where=clipped)
         self.activation_backward(output, z, a, delta)
         return total
 

@@ -1,0 +1,30 @@
+"""fastbp: fast, clear backpropagation for multilayer perceptrons.
+
+>>> import fastbp as fb
+>>> net = fb.MLP([4, 8, 3], activation="relu", loss="cross_entropy", seed=0)
+
+The backend (numpy, numba or cupy) comes from ``FASTBP_BACKEND`` (default
+``auto``); importing fastbp imports neither numba nor cupy.
+"""
+
+from . import ops
+from .backend import (
+    BACKEND_NAMES,
+    available_backends,
+    backend_status,
+    get_backend,
+    set_backend,
+    to_numpy,
+    use_backend,
+)
+from .errors import BackendUnavailableError, TrainingDivergedError
+from .gradcheck import gradcheck
+from .model import MLP, History, LogisticRegression
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKEND_NAMES", "BackendUnavailableError", "History", "LogisticRegression", "MLP",
+    "TrainingDivergedError", "available_backends", "backend_status", "get_backend", "gradcheck",
+    "ops", "set_backend", "to_numpy", "use_backend", "__version__",
+]

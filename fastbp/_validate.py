@@ -1,0 +1,134 @@
+"""Argument checks shared by every public entry point.
+
+Each check raises ValueError or TypeError naming the argument, what was
+received and what was expected, and runs before anything is modified.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+
+import numpy as np
+
+from .backend import array_module_name
+
+
+def _describe(x) -> str:
+    shape = getattr(x, "shape", None)
+    if shape is not None:
+        return f"{type(x).__name__} of shape {tuple(shape)} and dtype {getattr(x, 'dtype', '?')}"
+    return f"{x!r} of type {type(x).__name__}"
+
+
+def choice(name: str, value, options) -> str:
+    """``value`` when it is one of ``options`` (strings), else TypeError/ValueError."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str. Received: {name}={value!r} ({type(value).__name__}). "
+                        f"Expected one of {list(options)}")
+    if value not in options:
+        raise ValueError(f"unknown {name}. Received: {name}={value!r}. Expected one of {list(options)}")
+    return value
+
+
+def positive_int(name: str, value, *, minimum: int = 1, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int. Received: {name}={value!r} ({type(value).__name__}). "
+                        f"Expected an int >= {minimum}" + (" or None" if allow_none else ""))
+    if value < minimum:
+        raise ValueError(f"{name} out of range. Received: {name}={value!r}. Expected an int >= {minimum}"
+                         + (" or None" if allow_none else ""))
+    return int(value)
+
+
+def positive_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number. Received: {name}={value!r} ({type(value).__name__}). "
+                        "Expected a finite float > 0")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} out of range. Received: {name}={value!r}. Expected a finite float > 0")
+    return float(value)
+
+
+def seed(name: str, value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise TypeError(f"{name} must be None or an int >= 0. Received: {name}={value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _array_module(x):
+    return sys.modules["cupy"] if array_module_name(x) == "cupy" else np
+
+
+def numeric_array(name: str, x):
+    """``x`` as a real-valued numpy or cupy array (cupy stays on its device), with the checks
+    that do not depend on the model: numeric dtype, not empty, finite."""
+    if x is None:
+        raise TypeError(f"{name} must be an array. Received: None. Expected an array-like of numbers")
+    xp = _array_module(x)
+    if xp is np:
+        try:
+            arr = np.asarray(x)
+        except (ValueError, TypeError) as exc:  # ragged lists and the like
+            raise ValueError(f"{name} could not be read as an array ({exc}). Received: {_describe(x)}") from None
+    else:
+        arr = x
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers. Received: {_describe(arr)}. "
+                        "Expected a bool, integer or floating dtype")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty. Received: {_describe(arr)}. Expected at least one sample")
+    if arr.dtype.kind == "f" and not bool(xp.isfinite(arr).all()):
+        raise ValueError(f"{name} contains NaN or Inf. Received: {_describe(arr)}. Expected finite values")
+    return arr
+
+
+def features(name: str, x, n_features: int):
+    """X of shape (n_samples, n_features)."""
+    arr = numeric_array(name, x)
+    if arr.ndim != 2 or arr.shape[1] != n_features:
+        raise ValueError(f"{name} has the wrong shape. Received: {_describe(arr)}. "
+                         f"Expected shape (n_samples, {n_features})")
+    return arr
+
+
+def targets(name: str, y, *, n_samples: int, n_outputs: int, loss: str, dtype):
+    """Y as a float array of shape (n_samples, n_outputs), on the module it came in.
+
+    Integer class labels of shape (n_samples,) become one-hot rows for
+    cross_entropy; a 1-D Y is a single column for one-output models.
+    """
+    arr = numeric_array(name, y)
+    xp = _array_module(arr)
+    if arr.ndim == 1 and arr.shape[0] == n_samples and loss == "cross_entropy":
+        labels = arr
+        if labels.dtype.kind == "f" and not bool((labels == xp.floor(labels)).all()):
+            raise ValueError(f"{name} as class labels must be whole numbers. Received: {_describe(labels)}")
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= n_outputs:
+            raise ValueError(f"{name} has class labels out of range. Received: labels in [{lo}, {hi}]. "
+                             f"Expected integers in [0, {n_outputs - 1}] for {n_outputs} outputs")
+        onehot = xp.zeros((n_samples, n_outputs), dtype=dtype)
+        onehot[xp.arange(n_samples), labels.astype(np.int64)] = 1
+        return onehot
+    if arr.ndim == 1 and arr.shape[0] == n_samples and n_outputs == 1:
+        arr = arr.reshape(n_samples, 1)
+    if arr.ndim != 2 or arr.shape != (n_samples, n_outputs):
+        expected = f"shape ({n_samples}, {n_outputs})"
+        if loss == "cross_entropy":
+            expected += f" or integer labels of shape ({n_samples},)"
+        elif n_outputs == 1:
+            expected += f" or ({n_samples},)"
+        raise ValueError(f"{name} has the wrong shape. Received: {_describe(arr)}. Expected {expected}")
+    if loss == "log_loss" and (float(arr.min()) < 0 or float(arr.max()) > 1):
+        raise ValueError(f"{name} out of range for log_loss. Received: values in "
+                         f"[{float(arr.min())}, {float(arr.max())}]. Expected targets in [0, 1]")
+    if loss == "cross_entropy" and float(arr.min()) < 0:
+        raise ValueError(f"{name} out of range for cross_entropy. Received: a minimum of {float(arr.min())}. "
+                         "Expected non-negative targets (one-hot rows or probabilities)")
+    return arr
