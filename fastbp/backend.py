@@ -65,9 +65,15 @@ def _load(name: str):
     if name in _failures:
         raise _failures[name]
     _kernels_package()
-    module = importlib.import_module(f"fastbp.kernels.{name}")
     try:
+        module = importlib.import_module(f"fastbp.kernels.{name}")
         backend = module.create()
+    except ModuleNotFoundError as exc:
+        if exc.name != f"fastbp.kernels.{name}":
+            raise
+        _failures[name] = BackendUnavailableError(name, "this fastbp install has no such kernels module",
+                                                  "reinstall fastbp: pip install --force-reinstall fastbp")
+        raise _failures[name] from None
     except BackendUnavailableError as exc:
         _failures[name] = exc
         raise

@@ -308,31 +308,33 @@ class MLP:
 
         bar = _progress_bar(epochs, show)
         try:
-            for epoch in range(epochs):
-                t0 = time.perf_counter()
-                snapshot[...] = self._params
-                if shuffle:
-                    index = be.index_array(rng.permutation(n))
-                    be.take_rows(Xd, index, Xs)
-                    be.take_rows(Yd, index, Ys)
-                if fast:
-                    loss_sum, n_done = be.train_epoch(spec, self._params, self._grads, Xs, Ys, batch, lr, strategy)
-                else:
-                    loss_sum, n_done = self._epoch(Xs, Ys, batch, lr, strategy)
-                epoch_loss = float(loss_sum) / max(n_done, 1)
-                if n_done < n or not math.isfinite(epoch_loss) or not be.all_finite(self._params):
-                    self._params[...] = snapshot
-                    raise TrainingDivergedError(
-                        f"training diverged: the loss became NaN or Inf in epoch {epoch + 1} (lr={lr}); "
-                        f"parameters restored to those at the start of epoch {epoch + 1}. "
-                        "Try a smaller lr or standardised inputs.", history)
-                record = {"loss": epoch_loss}
-                if val is not None:
-                    record.update(self._evaluate(*val))
-                history._record(**record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{epoch_loss:.4g}", samples_s=f"{n / (time.perf_counter() - t0):.3g}")
-                    bar.update(1)
+            # overflow shows up as a non-finite loss, reported as TrainingDivergedError
+            with np.errstate(over="ignore", invalid="ignore"):
+                for epoch in range(epochs):
+                    t0 = time.perf_counter()
+                    snapshot[...] = self._params
+                    if shuffle:
+                        index = be.index_array(rng.permutation(n))
+                        be.take_rows(Xd, index, Xs)
+                        be.take_rows(Yd, index, Ys)
+                    if fast:
+                        loss_sum, n_done = be.train_epoch(spec, self._params, self._grads, Xs, Ys, batch, lr, strategy)
+                    else:
+                        loss_sum, n_done = self._epoch(Xs, Ys, batch, lr, strategy)
+                    epoch_loss = float(loss_sum) / max(n_done, 1)
+                    if n_done < n or not math.isfinite(epoch_loss) or not be.all_finite(self._params):
+                        self._params[...] = snapshot
+                        raise TrainingDivergedError(
+                            f"training diverged: the loss became NaN or Inf in epoch {epoch + 1} (lr={lr}); "
+                            f"parameters restored to those at the start of epoch {epoch + 1}. "
+                            "Try a smaller lr or standardised inputs.", history)
+                    record = {"loss": epoch_loss}
+                    if val is not None:
+                        record.update(self._evaluate(*val))
+                    history._record(**record)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{epoch_loss:.4g}", samples_s=f"{n / (time.perf_counter() - t0):.3g}")
+                        bar.update(1)
         finally:
             if bar is not None:
                 bar.close()

@@ -188,22 +188,28 @@ class NumpyBackend(Backend):
             np.subtract(a, y, out=tmp)
             return 0.5 * float(np.vdot(tmp, tmp))
         if loss == "log_loss" and output == "sigmoid":
-            # -[y log s(z) + (1-y) log(1-s(z))] = log(1 + e^z) - y z
+            # -[y log s(z) + (1-y) log(1-s(z))] = (1-y) softplus(z) + y softplus(-z):
+            # no cancellation, so a tiny cost keeps its relative precision.
+            tmp2 = self._buf("loss2", z.shape, z.dtype)
             np.logaddexp(0.0, z, out=tmp)
-            total = float(tmp.sum())
-            np.multiply(y, z, out=tmp)
-            return total - float(tmp.sum())
+            np.subtract(1.0, y, out=tmp2)
+            tmp *= tmp2
+            np.negative(z, out=tmp2)
+            np.logaddexp(0.0, tmp2, out=tmp2)
+            tmp2 *= y
+            tmp += tmp2
+            return float(tmp.sum())
         if loss == "cross_entropy" and output == "softmax":
             # -sum_j y_j log softmax_j = sum_j y_j (logsumexp(z) - z_j)
+            # computed as (max - z_j) + log sum exp(z - max): no cancellation against max
             rows = self._buf("rows", (z.shape[0], 1), z.dtype)
             np.max(z, axis=1, keepdims=True, out=rows)
             np.subtract(z, rows, out=tmp)
-            np.exp(tmp, out=tmp)
             lse = self._buf("lse", (z.shape[0], 1), z.dtype)
-            np.sum(tmp, axis=1, keepdims=True, out=lse)
+            np.exp(tmp, out=self._buf("loss2", z.shape, z.dtype))
+            np.sum(self._buf("loss2", z.shape, z.dtype), axis=1, keepdims=True, out=lse)
             np.log(lse, out=lse)
-            lse += rows  # logsumexp per row
-            np.subtract(lse, z, out=tmp)
+            np.subtract(lse, tmp, out=tmp)
             tmp *= y
             return float(tmp.sum())
         ac = self._clipped(a)

@@ -1,0 +1,189 @@
+"""fit: per-example, mini-batch and full-batch gradient descent; allocation-free steps;
+divergence handling; save/load; progress and logging."""
+
+import logging
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import fastbp as fb
+from conftest import make_data
+from reference import sgd_trajectory
+
+
+def _params(net):
+    W, b = net.get_params()
+    return np.concatenate([p.ravel() for p in W + b])
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, None])
+@pytest.mark.parametrize("loss,activation", [("mse", "tanh"), ("cross_entropy", "relu"), ("log_loss", "sigmoid")])
+def test_fit_follows_the_reference_trajectory(backend, batch_size, loss, activation):
+    X, Y = make_data(10, 3, 2, loss, seed=1)
+    net = fb.MLP([3, 5, 2], activation=activation, loss=loss, dtype="float64", seed=0)
+    W0, b0 = net.get_params()
+    history = net.fit(X, Y, epochs=3, batch_size=batch_size, lr=0.3, seed=42, progress=False)
+
+    rng, batches = np.random.default_rng(42), []
+    step = batch_size or len(X)
+    for _ in range(3):
+        perm = rng.permutation(len(X))
+        batches += [perm[i:i + step] for i in range(0, len(X), step)]
+    W, b, costs = sgd_trajectory(W0, b0, activation, net.output, loss, X, Y, batches, lr=0.3)
+    np.testing.assert_allclose(_params(net), np.concatenate([p.ravel() for p in W + b]), rtol=1e-9, atol=1e-12)
+    per_epoch = len(batches) // 3
+    sizes = np.array([len(i) for i in batches], dtype=float)
+    expected = [np.dot(costs[e * per_epoch:(e + 1) * per_epoch], sizes[e * per_epoch:(e + 1) * per_epoch]) / len(X)
+                for e in range(3)]
+    np.testing.assert_allclose(list(history), expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, None])
+def test_loop_strategy_follows_the_vectorized_trajectory(backend, batch_size):
+    X, Y = make_data(9, 4, 3, "cross_entropy", seed=2, labels=True)
+    nets = [fb.MLP([4, 6, 3], activation="tanh", loss="cross_entropy", dtype="float64", seed=1) for _ in range(2)]
+    hists = [net.fit(X, Y, epochs=4, batch_size=batch_size, lr=0.2, strategy=s, seed=7, progress=False)
+             for net, s in zip(nets, ["vectorized", "loop"])]
+    np.testing.assert_allclose(_params(nets[1]), _params(nets[0]), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(hists[1], hists[0], rtol=1e-10)
+
+
+def test_full_batch_equals_batch_size_n_and_larger(backend):
+    X, Y = make_data(12, 3, 1, "log_loss", seed=3)
+    results = []
+    for bs in (None, 12, 100):
+        net = fb.LogisticRegression(3, dtype="float64", seed=0)
+        results.append((list(net.fit(X, Y, epochs=5, batch_size=bs, lr=0.5, progress=False)), _params(net)))
+    for hist, params in results[1:]:
+        np.testing.assert_allclose(hist, results[0][0], rtol=1e-12)
+        np.testing.assert_allclose(params, results[0][1], rtol=1e-12)
+
+
+def test_training_reduces_loss_and_reports_validation(backend):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 2))
+    y = (X[:, 0] * X[:, 1] > 0).astype(int)  # XOR-like quadrants: needs the hidden layer
+    net = fb.MLP([2, 16, 2], activation="tanh", loss="cross_entropy", seed=0)
+    hist = net.fit(X[:150], y[:150], epochs=60, batch_size=16, lr=0.5, validation_data=(X[150:], y[150:]),
+                   progress=False)
+    assert hist[-1] < 0.5 * hist[0]
+    assert len(hist.history["val_loss"]) == 60 and hist.history["val_accuracy"][-1] > 0.85
+    assert hist.history["loss"] == list(hist)
+
+
+def test_shuffle_false_is_deterministic_order(backend):
+    X, Y = make_data(6, 2, 1, "mse", seed=4)
+    a, b = (fb.MLP([2, 3, 1], dtype="float64", seed=0) for _ in range(2))
+    a.fit(X, Y, epochs=2, batch_size=2, shuffle=False, seed=1, progress=False)
+    b.fit(X, Y, epochs=2, batch_size=2, shuffle=False, seed=2, progress=False)
+    np.testing.assert_array_equal(_params(a), _params(b))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_steady_state_steps_allocate_no_arrays(dtype):
+    """After warm-up, 100 mini-batch steps on the NumPy backend allocate no new arrays.
+
+    tracemalloc also sees NumPy's fixed-size iterator buffers (8192 elements, made by
+    broadcasting ufuncs such as the bias add); every array a step could allocate holds at
+    least batch x 128 elements, so the peak must stay under half of the smallest one.
+    """
+    with fb.use_backend("numpy"):
+        net = fb.MLP([32, 256, 128], activation="relu", loss="cross_entropy", dtype=dtype, seed=0)
+        batch = 512
+        X, y = make_data(100 * batch, 32, 128, "cross_entropy", labels=True)
+        Xd, Yd = net._inputs_targets(X, y)
+        net._epoch(Xd[:2 * batch], Yd[:2 * batch], batch, 0.01, "vectorized")  # warm-up
+        smallest_array = batch * 128 * np.dtype(dtype).itemsize
+        tracemalloc.start()
+        try:
+            before, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            _, n_done = net._epoch(Xd, Yd, batch, 0.01, "vectorized")
+            after, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert n_done == len(X)
+        assert peak - before < smallest_array // 2, f"{peak - before} bytes allocated during 100 steps"
+        assert after - before < 4096  # and nothing kept
+
+
+def test_divergence_stops_and_keeps_last_finite_parameters(backend):
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(64, 4)) * 1e3, rng.normal(size=(64, 1)) * 1e3
+    net = fb.MLP([4, 8, 1], activation="relu", loss="mse", seed=0)
+    with pytest.raises(fb.TrainingDivergedError, match="NaN or Inf") as info:
+        net.fit(X, Y, epochs=50, batch_size=8, lr=10.0, progress=False)
+    assert np.isfinite(_params(net)).all()
+    assert isinstance(info.value, FloatingPointError)
+    assert all(np.isfinite(h) for h in info.value.history)
+
+
+def test_save_load_round_trip_is_exact_across_backends(backend, tmp_path):
+    net = fb.MLP([3, 4, 2], activation="leaky_relu", loss="cross_entropy", output="softmax", dtype="float64", seed=3)
+    net.fit(*make_data(20, 3, 2, "cross_entropy", labels=True), epochs=2, progress=False)
+    path = tmp_path / "model.npz"
+    net.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]  # no temporary left behind
+    for name in fb.available_backends():
+        with fb.use_backend(name):
+            loaded = fb.MLP.load(path)
+        assert loaded.backend.name == name
+        assert (loaded.sizes, loaded.activation, loaded.output, loaded.loss_name, loaded.dtype) == \
+               (net.sizes, net.activation, net.output, net.loss_name, net.dtype)
+        np.testing.assert_array_equal(_params(loaded), _params(net))
+
+
+def test_logistic_regression_round_trip(tmp_path):
+    lr = fb.LogisticRegression(5, seed=1)
+    lr.save(tmp_path / "lr.npz")
+    loaded = fb.LogisticRegression.load(tmp_path / "lr.npz")
+    assert isinstance(loaded, fb.LogisticRegression) and loaded.dtype == np.float32
+    np.testing.assert_array_equal(_params(loaded), _params(lr))
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no fastbp model"):
+        fb.MLP.load(tmp_path / "missing.npz")
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"PK\x03\x04 definitely not a zip")
+    with pytest.raises(ValueError, match="not a readable fastbp model"):
+        fb.MLP.load(corrupt)
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, a=np.zeros(3))
+    with pytest.raises(ValueError, match="not a fastbp model: missing"):
+        fb.MLP.load(foreign)
+    net = fb.MLP([2, 2], seed=0)
+    net.save(tmp_path / "ok.npz")
+    data = dict(np.load(tmp_path / "ok.npz"))
+    data["params"] = data["params"][:-1]
+    np.savez(tmp_path / "truncated.npz", **data)
+    with pytest.raises(ValueError, match="corrupt"):
+        fb.MLP.load(tmp_path / "truncated.npz")
+
+
+def test_failed_save_leaves_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "model.npz"
+    fb.MLP([2, 2], seed=0).save(path)
+    before = path.read_bytes()
+
+    def broken_savez(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", broken_savez)
+    with pytest.raises(OSError, match="disk full"):
+        fb.MLP([2, 2], seed=1).save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]
+
+
+def test_progress_bar_and_logging(capsys, caplog):
+    X, Y = make_data(32, 2, 1, "mse")
+    net = fb.MLP([2, 4, 1], seed=0)
+    with caplog.at_level(logging.INFO, logger="fastbp"):
+        net.fit(X, Y, epochs=2, batch_size=8, progress=True)
+    err = capsys.readouterr().err
+    assert "fastbp fit" in err and "loss=" in err and "samples_s=" in err and "2/2" in err
+    assert f"backend={net.backend.name}" in caplog.text and "dtype=float32" in caplog.text
+    net.fit(X, Y, epochs=2, batch_size=8, progress=False)
+    assert capsys.readouterr().err == ""
