@@ -405,15 +405,33 @@ class MLP:
         version = int(fields["format_version"])
         if version > FORMAT_VERSION:
             raise ValueError(f"{path!r} has format version {version}; this fastbp reads up to {FORMAT_VERSION}")
+        return cls._rebuild({key: fields[key] for key in ("sizes", "activation", "loss", "output", "dtype")},
+                            fields["params"], origin=repr(path))
+
+    @classmethod
+    def _rebuild(cls, meta: dict, params: np.ndarray, origin: str) -> "MLP":
+        """A model of class ``cls`` from saved architecture fields and a flat parameter array."""
         net = cls.__new__(cls)
-        MLP.__init__(net, [int(v) for v in fields["sizes"]], activation=str(fields["activation"]),
-                     loss=str(fields["loss"]), output=str(fields["output"]), dtype=str(fields["dtype"]))
-        params = fields["params"]
+        MLP.__init__(net, [int(v) for v in meta["sizes"]], activation=str(meta["activation"]),
+                     loss=str(meta["loss"]), output=str(meta["output"]), dtype=str(meta["dtype"]))
         if params.shape != (net.spec.n_params,):
-            raise ValueError(f"{path!r} is corrupt: params has shape {params.shape}, "
+            raise ValueError(f"{origin} is corrupt: params has shape {params.shape}, "
                              f"expected ({net.spec.n_params},) for sizes {net.sizes}")
         net._params[...] = net.backend.asarray(params, net.dtype)
         return net
+
+    def __getstate__(self) -> dict:
+        """Pickled as architecture + NumPy parameters (device-agnostic, like :meth:`save`)."""
+        s = self.spec
+        return {"sizes": list(s.sizes), "activation": s.hidden, "loss": s.loss, "output": s.output,
+                "dtype": s.dtype.name, "params": to_numpy(self._params).copy(), "seed": self.seed,
+                "init": self.init, "rng": self._rng}
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled onto the backend active now."""
+        net = type(self)._rebuild(state, state["params"], origin="pickled MLP")
+        net.seed, net.init, net._rng = state["seed"], state["init"], state["rng"]
+        self.__dict__.update(net.__dict__)
 
 
 class LogisticRegression(MLP):
