@@ -1,0 +1,686 @@
+"""The Numba-compiled kernels behind ``kernels/numba.py``; importing this module imports numba.
+
+Everything here is ``@njit(cache=True)``, single-threaded, and writes into caller-owned
+arrays. Names become small integer codes (``ACT_CODE``, ``LOSS_CODE``) so one compiled
+function serves every activation and loss; the branch on a code sits outside the inner
+loops, which stay branch-free and vectorize.
+
+The row-level kernels take flat arrays plus an offset (``z[lo:lo+k]`` is one example's
+layer) rather than slices: a slice is an array object with a reference count, and making a
+few per layer per example cost more than the arithmetic of a tiny network (2-8-1 SGD:
+730 ns per example with slices, ~310 ns without).
+
+Reading order follows the math: activations (value beside derivative), the fused output
+layer (loss value beside its delta), the batch kernels the model calls one by one, then
+the compiled per-example loop and the compiled epochs.
+
+Numerics mirror ``kernels/numpy.py``: a stable sigmoid, log_loss+sigmoid and
+cross_entropy+softmax from the logits without cancellation, any other output/loss pair
+through the clipped activation (``dc/da``, zero where clipping bit, then ``phi'``), leaky
+slope ``LEAKY_SLOPE``. Costs are accumulated in float64 for both dtypes. Constants are
+made with ``type(x)(c)`` so float32 arithmetic stays float32 (a bare Python float would
+promote it to float64).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .base import LEAKY_SLOPE
+
+SIGMOID, RELU, TANH, IDENTITY, LEAKY_RELU, SOFTMAX = 0, 1, 2, 3, 4, 5
+ACT_CODE = {"sigmoid": SIGMOID, "relu": RELU, "tanh": TANH, "identity": IDENTITY,
+            "leaky_relu": LEAKY_RELU, "softmax": SOFTMAX}
+MSE, LOG_LOSS, CROSS_ENTROPY = 0, 1, 2
+LOSS_CODE = {"mse": MSE, "log_loss": LOG_LOSS, "cross_entropy": CROSS_ENTROPY}
+
+# Offsets into flat arrays are unsigned: Numba wraps negative signed indices (idx < 0 ->
+# idx + len), and that select in an inner loop stops LLVM from vectorizing it (a 784x128
+# matrix-vector product ran 15x slower with signed offsets). Range variables starting at 0
+# are known non-negative and need no cast.
+_U = np.uint64
+
+# Only the dot-product loops get fast-math, and only the two flags that let LLVM split a
+# float sum into SIMD lanes and use FMA; NaN/Inf semantics stay IEEE everywhere.
+_DOT_MATH = {"reassoc", "contract"}
+
+# ============================================================ activations: value beside derivative
+
+
+@njit(cache=True)
+def _sigmoid(x):
+    # One exp of -|x|: never overflows, full relative precision on both tails.
+    one = type(x)(1.0)
+    e = np.exp(-abs(x))
+    r = one / (one + e)
+    return r if x >= 0 else e * r
+
+
+@njit(cache=True)
+def act_range(code, z, a, lo, k):
+    """``a[lo:lo+k] = phi(z[lo:lo+k])``; softmax treats the range as one example."""
+    lo, k = _U(lo), _U(k)
+    if code == SIGMOID:
+        for i in range(lo, lo + k):
+            a[i] = _sigmoid(z[i])
+    elif code == RELU:  # max(z, 0); NaN stays NaN as in np.maximum
+        for i in range(lo, lo + k):
+            x = z[i]
+            a[i] = type(x)(0.0) if x <= 0 else x
+    elif code == LEAKY_RELU:  # max(z, slope z)
+        for i in range(lo, lo + k):
+            x = z[i]
+            a[i] = x * type(x)(LEAKY_SLOPE) if x <= 0 else x
+    elif code == TANH:
+        for i in range(lo, lo + k):
+            a[i] = np.tanh(z[i])
+    elif code == IDENTITY:
+        for i in range(lo, lo + k):
+            a[i] = z[i]
+    else:  # softmax: exp(z - max) / sum
+        m = z[lo]
+        for i in range(lo + _U(1), lo + k):
+            if z[i] > m:
+                m = z[i]
+        s = type(m)(0.0)
+        for i in range(lo, lo + k):
+            e = np.exp(z[i] - m)
+            a[i] = e
+            s += e
+        for i in range(lo, lo + k):
+            a[i] /= s
+
+
+@njit(cache=True)
+def dact_range(code, z, a, d, lo, k):
+    """``d[lo:lo+k] = phi'(z) (.) d`` in place (softmax: the vector-Jacobian product)."""
+    lo, k = _U(lo), _U(k)
+    if code == SIGMOID:  # a (1 - a)
+        for i in range(lo, lo + k):
+            d[i] *= (type(a[i])(1.0) - a[i]) * a[i]
+    elif code == TANH:  # 1 - a^2
+        for i in range(lo, lo + k):
+            d[i] *= type(a[i])(1.0) - a[i] * a[i]
+    elif code == RELU:  # 1 where z > 0, else 0 (z == 0 counts as off, as in the NumPy backend)
+        for i in range(lo, lo + k):
+            if z[i] <= 0:
+                d[i] = d[i] * 0
+    elif code == LEAKY_RELU:
+        for i in range(lo, lo + k):
+            if z[i] <= 0:
+                d[i] = d[i] * type(d[i])(LEAKY_SLOPE)
+    elif code == SOFTMAX:  # J^T g = a (.) (g - <a, g>)
+        s = type(d[lo])(0.0)
+        for i in range(lo, lo + k):
+            s += a[i] * d[i]
+        for i in range(lo, lo + k):
+            d[i] = (d[i] - s) * a[i]
+
+
+# ============================================================ the output layer: loss beside delta
+
+
+@njit(cache=True)
+def output_range(loss, code, z, a, d, lo, Y, row, want_delta):
+    """One example's cost (float64) and, when ``want_delta``, ``d = dc/dz``.
+
+    The example is ``z[lo:lo+k]`` (k = Y.shape[1]) with targets ``Y[row]``. Replaces the
+    unfused loss, ``dc/da`` and ``phi'`` passes with one pass over the row;
+    log_loss+sigmoid and cross_entropy+softmax work from the logits ``z``.
+    """
+    k, lo = _U(Y.shape[1]), _U(lo)
+    cost = 0.0
+    if loss == MSE:  # c = 1/2 |a - y|^2, dc/da = a - y
+        for j in range(k):
+            r = a[lo + j] - Y[row, j]
+            cost += 0.5 * float(r) * float(r)
+            if want_delta:
+                d[lo + j] = r
+        if want_delta:
+            dact_range(code, z, a, d, lo, k)
+        return cost
+    if loss == LOG_LOSS and code == SIGMOID:  # c = (1-y) softplus(z) + y softplus(-z), dc/dz = a - y
+        for j in range(k):
+            x, t = float(z[lo + j]), float(Y[row, j])
+            tail = np.log1p(np.exp(-abs(x)))  # softplus(+-x) = max(+-x, 0) + tail: no cancellation
+            cost += (1.0 - t) * (max(x, 0.0) + tail) + t * (max(-x, 0.0) + tail)
+            if want_delta:
+                d[lo + j] = a[lo + j] - Y[row, j]
+        return cost
+    if loss == CROSS_ENTROPY and code == SOFTMAX:  # c = sum_j y_j (lse(z) - z_j), dc/dz = a sum(y) - y
+        # lse(z) - z_j as log sum exp(z - max) - (z_j - max): no cancellation against the max
+        m = float(z[lo])
+        for j in range(_U(1), k):
+            m = max(m, float(z[lo + j]))
+        s = 0.0
+        for j in range(k):
+            s += np.exp(float(z[lo + j]) - m)
+        log_s = np.log(s)
+        sy = type(Y[row, 0])(0.0)
+        for j in range(k):
+            cost += float(Y[row, j]) * (log_s - (float(z[lo + j]) - m))
+            sy += Y[row, j]
+        if want_delta:
+            for j in range(k):
+                d[lo + j] = a[lo + j] * sy - Y[row, j]
+        return cost
+    # Any other output activation: the loss on the clipped activation, dc/da, then phi'.
+    one = type(a[lo])(1.0)
+    eps = type(a[lo])(np.finfo(a.dtype).eps)
+    for j in range(k):
+        aj = a[lo + j]
+        ac = min(max(aj, eps), one - eps)
+        if loss == LOG_LOSS:  # dc/da = (a - y) / (a (1 - a))
+            cost -= float(Y[row, j]) * np.log(float(ac)) + (1.0 - float(Y[row, j])) * np.log(1.0 - float(ac))
+            if want_delta:
+                d[lo + j] = (ac - Y[row, j]) / ((one - ac) * ac)
+        else:  # cross_entropy: dc/da = -y / a
+            cost -= float(Y[row, j]) * np.log(float(ac))
+            if want_delta:
+                d[lo + j] = -(Y[row, j] / ac)
+        if want_delta and ac != aj:  # the cost saw the clipped a: flat there, no gradient
+            d[lo + j] = 0
+    if want_delta:
+        dact_range(code, z, a, d, lo, k)
+    return cost
+
+
+@njit(cache=True)
+def output_layer(loss, code, z, a, d, lo, Y, row, scale):
+    """The whole output layer of one example from its logits: ``a = phi(z)``, ``d = scale dc/dz``
+    and the cost, for the compiled paths (``scale = 1/n`` makes d the mean cost's delta).
+
+    Replaces ``act_range`` + ``output_range``: for softmax+cross_entropy and sigmoid+log_loss
+    each exp is computed once and serves the activation, the cost and the delta (the output
+    layer's exps dominated a small batch's elementwise time)."""
+    k, lo = _U(Y.shape[1]), _U(lo)
+    if loss == CROSS_ENTROPY and code == SOFTMAX:
+        m = z[lo]
+        for j in range(_U(1), k):
+            if z[lo + j] > m:
+                m = z[lo + j]
+        s = type(m)(0.0)
+        for j in range(k):
+            e = np.exp(z[lo + j] - m)
+            a[lo + j] = e
+            s += e
+        inv_s = type(m)(1.0) / s
+        log_s = np.log(float(s))
+        cost = 0.0
+        sy = type(m)(0.0)
+        for j in range(k):
+            a[lo + j] *= inv_s
+            t = Y[row, j]
+            sy += t
+            if t != 0:  # one-hot targets: one term per example
+                cost += float(t) * (log_s - float(z[lo + j] - m))
+        for j in range(k):
+            d[lo + j] = (a[lo + j] * sy - Y[row, j]) * scale
+        return cost
+    if loss == LOG_LOSS and code == SIGMOID:
+        cost = 0.0
+        for j in range(k):
+            x = z[lo + j]
+            one = type(x)(1.0)
+            e = np.exp(-abs(x))
+            r = one / (one + e)
+            a[lo + j] = r if x >= 0 else e * r
+            t, xf = float(Y[row, j]), float(x)
+            tail = np.log1p(float(e))
+            cost += (1.0 - t) * (max(xf, 0.0) + tail) + t * (max(-xf, 0.0) + tail)
+            d[lo + j] = (a[lo + j] - Y[row, j]) * scale
+        return cost
+    act_range(code, z, a, lo, k)
+    cost = output_range(loss, code, z, a, d, lo, Y, row, True)
+    for j in range(k):
+        d[lo + j] *= scale
+    return cost
+
+
+# ============================================================ batch kernels (2-D, row-major)
+
+
+@njit(cache=True)
+def activation(code, Z, A):
+    """``A = phi(Z)`` for a batch; softmax row by row."""
+    Zf, Af = Z.reshape(Z.size), A.reshape(A.size)
+    if code == SOFTMAX:
+        k = Z.shape[1]
+        for r in range(Z.shape[0]):
+            act_range(code, Zf, Af, r * k, k)
+    else:
+        act_range(code, Zf, Af, 0, Z.size)
+
+
+@njit(cache=True)
+def activation_backward(code, Z, A, D):
+    """``D = phi'(Z) (.) D`` in place for a batch; softmax's VJP row by row."""
+    Zf, Af, Df = Z.reshape(Z.size), A.reshape(A.size), D.reshape(D.size)
+    if code == SOFTMAX:
+        k = D.shape[1]
+        for r in range(D.shape[0]):
+            dact_range(code, Zf, Af, Df, r * k, k)
+    else:
+        dact_range(code, Zf, Af, Df, 0, D.size)
+
+
+@njit(cache=True)
+def hidden_delta(code, Dn, Wn, Z, A, out):
+    """``out = phi'(Z) (.) (Dn @ Wn)``: one BLAS GEMM, then one pass for phi'.
+
+    Replaces ``matmul`` + ``activation_backward`` (one call, one pass over ``out``).
+    """
+    np.dot(Dn, Wn, out)
+    activation_backward(code, Z, A, out)
+
+
+@njit(cache=True)
+def output_delta(loss, code, Z, A, Y, D):
+    """Fused output layer for a batch: ``D = dC/dZ`` row by row; returns the summed cost."""
+    Zf, Af, Df = Z.reshape(Z.size), A.reshape(A.size), D.reshape(D.size)
+    k = Z.shape[1]
+    total = 0.0
+    for r in range(Z.shape[0]):
+        total += output_range(loss, code, Zf, Af, Df, r * k, Y, r, True)
+    return total
+
+
+@njit(cache=True)
+def loss_sum(loss, code, Z, A, Y):
+    """The summed cost of a batch, no delta."""
+    Zf, Af = Z.reshape(Z.size), A.reshape(A.size)
+    k = Z.shape[1]
+    total = 0.0
+    for r in range(Z.shape[0]):
+        total += output_range(loss, code, Zf, Af, Zf, r * k, Y, r, False)
+    return total
+
+
+@njit(cache=True)
+def add_bias(Z, b):
+    """``Z += b`` on every row."""
+    Zf = Z.reshape(Z.size)
+    k = _U(b.size)
+    for r in range(Z.shape[0]):
+        base = _U(r) * k
+        for j in range(k):
+            Zf[base + j] += b[j]
+
+
+@njit(cache=True)
+def bias_grad(D, out, alpha, accumulate):
+    """``out (+)= alpha * D.sum(axis=0)``, row by row (each row a contiguous SIMD add)."""
+    Df = D.reshape(D.size)
+    k = _U(out.size)
+    if not accumulate:
+        out[:] = 0
+    scale = accumulate and alpha != 1
+    for r in range(D.shape[0]):
+        base = _U(r) * k
+        if scale:
+            for j in range(k):
+                out[j] += Df[base + j] * alpha
+        else:
+            for j in range(k):
+                out[j] += Df[base + j]
+    if not accumulate and alpha != 1:
+        for j in range(k):
+            out[j] *= alpha
+
+
+@njit(cache=True)
+def hadamard(a, b, out):
+    """``out = a * b`` elementwise (any C-contiguous shape)."""
+    af, bf, of = a.reshape(a.size), b.reshape(b.size), out.reshape(out.size)
+    for i in range(of.size):
+        of[i] = af[i] * bf[i]
+
+
+@njit(cache=True)
+def outer(x, y, out, alpha, accumulate):
+    """``out (+)= alpha x y^T`` (x, y 1-D); ``(x_i y_j) alpha`` as in the reference."""
+    of = out.reshape(out.size)
+    n = _U(y.size)
+    for i in range(x.size):
+        xi = x[i]
+        base = _U(i) * n
+        if accumulate:
+            for j in range(n):
+                of[base + j] += xi * y[j] * alpha
+        else:
+            for j in range(n):
+                of[base + j] = xi * y[j] * alpha
+
+
+@njit(cache=True)
+def sgd_update(params, grads, lr):
+    """``params -= lr * grads`` over the flat buffers (same rounding as ``grads * lr``)."""
+    for i in range(params.size):
+        params[i] -= grads[i] * lr
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def all_finite(a):
+    """No NaN or Inf in ``a``: x - x is 0 for every finite x and NaN otherwise, so a block's
+    sum of x - x is 0 exactly when the block is finite (a branch-free, SIMD loop; reassoc
+    lets LLVM split the sum across lanes, NaN/Inf semantics untouched)."""
+    af = a.reshape(a.size)
+    if af.size == 0:
+        return True
+    n = _U(af.size)
+    block = _U(4096)
+    for lo in range(_U(0), n, block):
+        hi = min(lo + block, n)
+        acc = type(af[0])(0.0)
+        for i in range(lo, hi):
+            acc += af[i] - af[i]
+        if acc != 0:
+            return False
+    return True
+
+
+@njit(cache=True)
+def take_rows(src, index, out):
+    """``out[:] = src[index]``, row by row; indices clipped into range (NumPy's mode="clip")."""
+    k = _U(src.shape[1])
+    last = src.shape[0] - 1
+    sf, of = src.reshape(src.size), out.reshape(out.size)
+    for r in range(index.size):
+        i = min(max(index[r], 0), last)
+        src_base, dst_base = _U(i) * k, _U(r) * k
+        for j in range(k):
+            of[dst_base + j] = sf[src_base + j]
+
+
+# ============================================================ one layer, flat: the products
+# Parameters live in one flat buffer [W1, b1, W2, b2, ...]; W of layer l starts at w_off[l]
+# (row-major, n_out x n_in), b at b_off[l]. Activations/deltas are flat with offsets too.
+
+
+@njit(cache=True)
+def layer_offsets(sizes):
+    """``(w_off, b_off, u_off)``: parameter offsets per layer, and where layer l's units start
+    in a per-example buffer holding every layer, inputs included (``u_off[-1] = sum(sizes)``)."""
+    n_layers = sizes.size - 1
+    w_off = np.empty(n_layers, np.int64)
+    b_off = np.empty(n_layers, np.int64)
+    u_off = np.empty(n_layers + 2, np.int64)
+    pos = 0
+    for l in range(n_layers):
+        w_off[l] = pos
+        pos += sizes[l] * sizes[l + 1]
+        b_off[l] = pos
+        pos += sizes[l + 1]
+    units = 0
+    for l in range(n_layers + 1):
+        u_off[l] = units
+        units += sizes[l]
+    u_off[n_layers + 1] = units
+    return w_off, b_off, u_off
+
+
+@njit(cache=True, fastmath=_DOT_MATH)
+def dense(P, wo, bo, n_out, n_in, x, xo, z, zo):
+    """``z[zo:zo+n_out] = W x[xo:xo+n_in] + b`` for one example."""
+    wo, bo, xo, zo, n_out, n_in = _U(wo), _U(bo), _U(xo), _U(zo), _U(n_out), _U(n_in)
+    for r in range(n_out):
+        base = wo + r * n_in
+        acc = type(P[0])(0.0)
+        for k in range(n_in):
+            acc += P[base + k] * x[xo + k]
+        z[zo + r] = acc + P[bo + r]
+
+
+@njit(cache=True, fastmath=_DOT_MATH)
+def dense_t(P, wo, n_out, n_in, d, do, out, oo):
+    """``out[oo:oo+n_in] = W^T d[do:do+n_out]``; rows with d_r == 0 (off ReLUs) add nothing."""
+    wo, do, oo, n_out, n_in = _U(wo), _U(do), _U(oo), _U(n_out), _U(n_in)
+    for k in range(n_in):
+        out[oo + k] = 0
+    for r in range(n_out):
+        dr = d[do + r]
+        if dr != 0:
+            base = wo + r * n_in
+            for k in range(n_in):
+                out[oo + k] += P[base + k] * dr
+
+
+@njit(cache=True, fastmath=_DOT_MATH)
+def rank1_update(P, wo, bo, n_out, n_in, d, do, x, xo, alpha):
+    """``W += alpha d x^T``, ``b += alpha d``: an SGD step (alpha = -lr) or a gradient
+    accumulation (alpha = 1) straight from one example; rows with d_r == 0 are untouched."""
+    wo, bo, do, xo, n_out, n_in = _U(wo), _U(bo), _U(do), _U(xo), _U(n_out), _U(n_in)
+    for r in range(n_out):
+        step = d[do + r] * alpha
+        if step != 0:
+            base = wo + r * n_in
+            for k in range(n_in):
+                P[base + k] += step * x[xo + k]
+            P[bo + r] += step
+
+
+# ============================================================ the compiled per-example loop
+# A per-example workspace holds z, a and delta of every layer back to back, each laid out
+# like the units (``u_off``): 3 * sum(sizes) entries; a[0:n_in] is the example itself.
+
+
+@njit(cache=True)
+def _example_forward(sizes, hidden, P, w_off, b_off, u_off, X, s, zs, acts):
+    n_layers = sizes.size - 1
+    for k in range(sizes[0]):
+        acts[k] = X[s, k]
+    for l in range(n_layers):
+        dense(P, w_off[l], b_off[l], sizes[l + 1], sizes[l], acts, u_off[l], zs, u_off[l + 1])
+        if l < n_layers - 1:  # the output layer's activation comes fused with its loss
+            act_range(hidden, zs, acts, u_off[l + 1], sizes[l + 1])
+
+
+@njit(cache=True)
+def _example_backward(sizes, hidden, P, w_off, u_off, zs, acts, ds, l):
+    """The delta of layer l-1 from layer l's (with layer l's weights as they are now)."""
+    dense_t(P, w_off[l], sizes[l + 1], sizes[l], ds, u_off[l + 1], ds, u_off[l])
+    dact_range(hidden, zs, acts, ds, u_off[l], sizes[l])
+
+
+@njit(cache=True)
+def loop_batch(sizes, hidden, output, loss, params, X, Y, grads, work, start, stop):
+    """The textbook per-example loop over rows ``start:stop``: per example a vector forward,
+    the output delta, the backward pass and ``dW += delta a^T``, ``db += delta``; then the
+    sums are divided by the number of examples. Returns the summed cost (float64)."""
+    n_layers = sizes.size - 1
+    w_off, b_off, u_off = layer_offsets(sizes)
+    units = u_off[n_layers + 1]
+    zs, acts, ds = work[:units], work[units:2 * units], work[2 * units:3 * units]
+    one = type(params[0])(1.0)
+    grads[:] = 0
+    total = 0.0
+    L = n_layers - 1
+    for s in range(start, stop):
+        _example_forward(sizes, hidden, params, w_off, b_off, u_off, X, s, zs, acts)
+        total += output_layer(loss, output, zs, acts, ds, u_off[n_layers], Y, s, one)
+        for l in range(L, -1, -1):
+            rank1_update(grads, w_off[l], b_off[l], sizes[l + 1], sizes[l], ds, u_off[l + 1], acts, u_off[l], one)
+            if l > 0:
+                _example_backward(sizes, hidden, params, w_off, u_off, zs, acts, ds, l)
+    n = stop - start
+    if n > 0:
+        for i in range(grads.size):
+            grads[i] /= n
+    return total
+
+
+@njit(cache=True)
+def sgd_examples(sizes, hidden, output, loss, params, X, Y, lr, work):
+    """A whole epoch of per-example SGD (batch size 1) in one call.
+
+    Per example: forward, output delta, then from the top layer down: the delta of the layer
+    below (with this layer's weights before their update), then this layer's update, applied
+    where the gradient is formed. Returns ``(summed cost, examples done)``; stops before the
+    update of a non-finite cost.
+    """
+    n_layers = sizes.size - 1
+    w_off, b_off, u_off = layer_offsets(sizes)
+    units = u_off[n_layers + 1]
+    zs, acts, ds = work[:units], work[units:2 * units], work[2 * units:3 * units]
+    total = 0.0
+    L = n_layers - 1
+    for s in range(X.shape[0]):
+        _example_forward(sizes, hidden, params, w_off, b_off, u_off, X, s, zs, acts)
+        cost = output_layer(loss, output, zs, acts, ds, u_off[n_layers], Y, s, type(lr)(1.0))
+        if not np.isfinite(cost):
+            return total, s
+        total += cost
+        for l in range(L, -1, -1):
+            if l > 0:
+                _example_backward(sizes, hidden, params, w_off, u_off, zs, acts, ds, l)
+            rank1_update(params, w_off[l], b_off[l], sizes[l + 1], sizes[l], ds, u_off[l + 1], acts, u_off[l], -lr)
+    return total, X.shape[0]
+
+
+@njit(cache=True)
+def loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size, lr, work):
+    """A whole epoch of mini-batch SGD whose gradients come from the per-example loop."""
+    n = X.shape[0]
+    total = 0.0
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        cost = loop_batch(sizes, hidden, output, loss, params, X, Y, grads, work, start, stop)
+        if not np.isfinite(cost):
+            return total, start
+        total += cost
+        sgd_update(params, grads, lr)
+    return total, n
+
+
+# ============================================================ the compiled mini-batch epoch
+# Batch workspace: Z, A and D of every layer but the input, each (rows, units) row-major,
+# back to back. Which products are hand loops and which BLAS GEMMs (np.dot) is decided by
+# size, from ``plan = (forward_min, backward_min)`` in multiply-adds: a forward product below
+# forward_min and a backward one below backward_min is a hand loop (a BLAS call costs more
+# than the arithmetic there). Measured: OpenBLAS's small-matrix path wins from a few
+# thousand multiply-adds on, even against hand loops that skip ReLU's zero deltas.
+FORWARD_MIN, BACKWARD_MIN = 0, 1
+
+
+@njit(cache=True)
+def _view_bases(work, sizes, u_off):
+    """Where Z, A, D (rows 0, 1, 2) of each weight layer start in a batch workspace."""
+    units = u_off[sizes.size] - sizes[0]
+    cap = work.size // (3 * units)  # rows the workspace was made for
+    bases = np.empty((3, sizes.size - 1), np.int64)
+    for kind in range(3):
+        for l in range(sizes.size - 1):
+            bases[kind, l] = kind * cap * units + cap * (u_off[l + 1] - sizes[0])
+    return bases
+
+
+@njit(cache=True)
+def _view(work, bases, sizes, n, kind, l):
+    # Z, A or D (kind 0, 1, 2) of weight layer l: its first n rows
+    base, k = bases[kind, l], sizes[l + 1]
+    return work[base:base + n * k].reshape((n, k))
+
+
+@njit(cache=True)
+def _forward_product(A, P, wo, bo, W, Z, Anext, code, plan):
+    """``Z = A @ W.T + b`` and, unless ``code < 0``, ``Anext = phi(Z)`` right after, while Z is hot."""
+    n, n_in = A.shape
+    n_out = Z.shape[1]
+    Zf, Nf = Z.reshape(Z.size), Anext.reshape(Anext.size)
+    if n * n_in * n_out >= plan[FORWARD_MIN]:
+        np.dot(A, W.T, Z)
+        add_bias(Z, P[bo:bo + n_out])
+    else:
+        Af = A.reshape(A.size)
+        for s in range(n):
+            dense(P, wo, bo, n_out, n_in, Af, s * n_in, Zf, s * n_out)
+    if code >= 0:
+        act_range(code, Zf, Nf, 0, Z.size)
+
+
+@njit(cache=True)
+def _weight_gradient(D, A, G, wo, bo, gW, plan):
+    """``dW = D^T @ A``, ``db = sum_rows D`` into the flat gradient buffer."""
+    n, n_out = D.shape
+    n_in = A.shape[1]
+    for j in range(n_out):
+        G[bo + j] = 0
+    if n * n_in * n_out >= plan[BACKWARD_MIN]:
+        np.dot(D.T, A, gW)
+        bias_grad(D, G[bo:bo + n_out], type(G[0])(1.0), True)
+        return
+    gW[:] = 0
+    Df, Af = D.reshape(D.size), A.reshape(A.size)
+    one = type(G[0])(1.0)
+    for s in range(n):
+        rank1_update(G, wo, bo, n_out, n_in, Df, s * n_out, Af, s * n_in, one)
+
+
+@njit(cache=True)
+def _input_delta(D, P, wo, W, out, plan):
+    """``out = D @ W`` (the back-propagated delta before phi')."""
+    n, n_out = D.shape
+    n_in = out.shape[1]
+    if n * n_in * n_out >= plan[BACKWARD_MIN]:
+        np.dot(D, W, out)
+        return
+    Df, Of = D.reshape(D.size), out.reshape(out.size)
+    for s in range(n):
+        dense_t(P, wo, n_out, n_in, Df, s * n_out, Of, s * n_in)
+
+
+@njit(cache=True)
+def batch_gradients(sizes, hidden, output, loss, params, grads, Xb, Yb, work, plan, w_off, b_off, bases):
+    """Gradients of the mean cost over the batch ``Xb`` into ``grads``; returns the summed cost.
+
+    The matrix form: forward products, the fused output delta (scaled by 1/n once, so every
+    later product is already the mean), then per layer ``dW = D^T A``, ``db = sum D`` and
+    ``D_prev = phi'(Z) (.) (D W)``.
+    """
+    n_layers = sizes.size - 1
+    n = Xb.shape[0]
+    L = n_layers - 1
+    a_prev = Xb
+    for l in range(n_layers):
+        Z, A = _view(work, bases, sizes, n, 0, l), _view(work, bases, sizes, n, 1, l)
+        W = params[w_off[l]:b_off[l]].reshape((sizes[l + 1], sizes[l]))
+        # hidden layers: bias and activation back to back; the output's activation comes with its loss
+        _forward_product(a_prev, params, w_off[l], b_off[l], W, Z, A, hidden if l < L else -1, plan)
+        a_prev = A
+    D = _view(work, bases, sizes, n, 2, L)
+    Zf = _view(work, bases, sizes, n, 0, L).reshape(n * sizes[L + 1])
+    Af, Df = a_prev.reshape(a_prev.size), D.reshape(D.size)
+    total = 0.0
+    inv_n = type(params[0])(1.0 / n)  # D of the mean cost: every later product is already the mean
+    for s in range(n):
+        total += output_layer(loss, output, Zf, Af, Df, s * sizes[L + 1], Yb, s, inv_n)
+    for l in range(L, -1, -1):
+        D = _view(work, bases, sizes, n, 2, l)
+        a_prev = Xb if l == 0 else _view(work, bases, sizes, n, 1, l - 1)
+        gW = grads[w_off[l]:b_off[l]].reshape((sizes[l + 1], sizes[l]))
+        _weight_gradient(D, a_prev, grads, w_off[l], b_off[l], gW, plan)
+        if l > 0:
+            D_prev = _view(work, bases, sizes, n, 2, l - 1)
+            W = params[w_off[l]:b_off[l]].reshape((sizes[l + 1], sizes[l]))
+            _input_delta(D, params, w_off[l], W, D_prev, plan)
+            activation_backward(hidden, _view(work, bases, sizes, n, 0, l - 1), a_prev, D_prev)
+    return total
+
+
+@njit(cache=True)
+def batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size, lr, work, plan):
+    """A whole epoch of mini-batch SGD in the matrix form, in one call."""
+    n = X.shape[0]
+    w_off, b_off, u_off = layer_offsets(sizes)
+    bases = _view_bases(work, sizes, u_off)
+    total = 0.0
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        cost = batch_gradients(sizes, hidden, output, loss, params, grads,
+                               X[start:stop], Y[start:stop], work, plan, w_off, b_off, bases)
+        if not np.isfinite(cost):
+            return total, start
+        total += cost
+        sgd_update(params, grads, lr)
+    return total, n

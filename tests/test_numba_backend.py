@@ -1,0 +1,379 @@
+"""The Numba backend against the NumPy reference backend: every kernel, the compiled
+per-example loop and the compiled epochs.
+
+Tolerances: float64 agrees to rounding (rtol 1e-12 elementwise; 1e-10 where a GEMM or a
+whole trajectory sums in another order). float32 elementwise kernels agree to a few ulps
+(rtol 1e-5); float32 GEMM-based results and trajectories to rtol 2e-4, atol 1e-5 (the
+summation order of a length-k dot product differs between BLAS and a hand loop).
+"""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+import fastbp as fb  # noqa: E402
+from fastbp.errors import BackendUnavailableError  # noqa: E402
+from fastbp.kernels.base import ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, LOSSES, NetSpec  # noqa: E402
+
+if "numba" not in fb.available_backends():  # e.g. scipy missing: create() says why
+    pytest.skip(f"numba backend unusable: {fb.backend_status()['numba']}", allow_module_level=True)
+
+DTYPES = ["float64", "float32"]
+ELEM = {"float64": dict(rtol=1e-12, atol=1e-14), "float32": dict(rtol=1e-5, atol=1e-7)}
+GEMM = {"float64": dict(rtol=1e-10, atol=1e-12), "float32": dict(rtol=2e-4, atol=1e-5)}
+
+
+def _backend(name):
+    with fb.use_backend(name) as be:
+        return be
+
+
+NB, REF = _backend("numba"), _backend("numpy")
+
+
+def _z(shape, dtype, seed=0, scale=3.0):
+    """Logits with exact zeros and +-1e4 extremes mixed in."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal(shape) * scale
+    flat = z.reshape(-1)
+    flat[::7] = 0.0
+    flat[1::11] = 1e4
+    flat[2::13] = -1e4
+    return z.astype(dtype)
+
+
+def _targets(loss, shape, dtype, seed=1):
+    rng = np.random.default_rng(seed)
+    if loss == "cross_entropy":
+        return np.eye(shape[1], dtype=dtype)[rng.integers(0, shape[1], shape[0])]
+    if loss == "log_loss":
+        return rng.integers(0, 2, shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+# ---------------------------------------------------------------- elementwise kernels
+
+@pytest.mark.parametrize("rows", [3, 300])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_forward_and_backward(name, dtype, rows):
+    z = _z((rows, 64), dtype)
+    a_nb, a_ref = np.empty_like(z), np.empty_like(z)
+    NB.activation(name, z, a_nb)
+    REF.activation(name, z, a_ref)
+    assert np.isfinite(a_nb).all()
+    np.testing.assert_allclose(a_nb, a_ref, **ELEM[dtype])
+
+    d = np.random.default_rng(2).standard_normal(z.shape).astype(dtype)
+    d_nb, d_ref = d.copy(), d.copy()
+    NB.activation_backward(name, z, a_ref, d_nb)
+    REF.activation_backward(name, z, a_ref, d_ref)
+    np.testing.assert_allclose(d_nb, d_ref, **ELEM[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_and_leaky_at_exact_zero(dtype):
+    z = np.array([[0.0, -0.0, 1e-30, -1e-30]], dtype=dtype)
+    out, d = np.empty_like(z), np.ones_like(z)
+    NB.activation("relu", z, out)
+    np.testing.assert_array_equal(out, [[0, 0, z[0, 2], 0]])
+    NB.activation_backward("relu", z, out, d)
+    np.testing.assert_array_equal(d, [[0, 0, 1, 0]])  # z == 0 counts as off, as in the reference
+    d = np.ones_like(z)
+    NB.activation("leaky_relu", z, out)
+    NB.activation_backward("leaky_relu", z, out, d)
+    slope = z.dtype.type(0.01)
+    np.testing.assert_array_equal(d, [[slope, slope, 1, slope]])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("output", ACTIVATIONS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_output_delta_and_loss_sum(loss, output, dtype):
+    z = _z((9, 4), dtype, seed=3)
+    a = np.empty_like(z)
+    REF.activation(output, z, a)
+    y = _targets(loss, z.shape, dtype)
+    d_nb, d_ref = np.empty_like(z), np.empty_like(z)
+    c_nb = NB.output_delta(loss, output, z, a, y, d_nb)
+    c_ref = REF.output_delta(loss, output, z, a, y, d_ref)
+    assert np.isfinite(c_nb) and np.isfinite(d_nb).all()  # +-1e4 logits included
+    # costs sum in float64 here and in the dtype there
+    assert c_nb == pytest.approx(c_ref, rel=1e-12 if dtype == "float64" else 1e-5)
+    np.testing.assert_allclose(d_nb, d_ref, **ELEM[dtype])
+    assert NB.loss_sum(loss, output, z, a, y) == pytest.approx(c_nb, rel=1e-14)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_losses_are_finite_at_extreme_logits(dtype):
+    z = np.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 1e4]], dtype=dtype)
+    y = np.array([[1, 0, 0], [0, 0, 1]], dtype=dtype)
+    for loss, output in (("cross_entropy", "softmax"), ("log_loss", "sigmoid")):
+        a, d = np.empty_like(z), np.empty_like(z)
+        NB.activation(output, z, a)
+        cost = NB.output_delta(loss, output, z, a, y, d)
+        assert np.isfinite(cost) and np.isfinite(d).all() and np.isfinite(a).all()
+        assert cost == pytest.approx(REF.loss_sum(loss, output, z, a, y), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (0.25, 0.0), (0.5, 1.0), (-2.0, 0.3)])
+def test_matmul_writes_into_out(dtype, trans_a, trans_b, alpha, beta):
+    rng = np.random.default_rng(4)
+    m, k, n = 5, 7, 3
+    a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
+    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+    out0 = rng.standard_normal((m, n)).astype(dtype)
+    out_nb, out_ref = out0.copy(), out0.copy()
+    NB.matmul(a, b, out_nb, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta)
+    REF.matmul(a, b, out_ref, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta)
+    np.testing.assert_allclose(out_nb, out_ref, **GEMM[dtype])
+    # views and Fortran-ordered operands too
+    out_nb = out0.copy()
+    NB.matmul(np.asfortranarray(a), b[:, :] if trans_b else np.asfortranarray(b), out_nb,
+              trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta)
+    np.testing.assert_allclose(out_nb, out_ref, **GEMM[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_kernels(dtype):
+    rng = np.random.default_rng(5)
+    A = rng.standard_normal((6, 4)).astype(dtype)
+    B = rng.standard_normal((6, 4)).astype(dtype)
+    x, y = A[0].copy(), rng.standard_normal(3).astype(dtype)
+
+    outs = [np.empty_like(A) for _ in range(2)]
+    for be, o in zip((NB, REF), outs):
+        be.hadamard(A, B, o)
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+    for alpha, acc in ((1.0, True), (0.5, True), (0.25, False)):
+        outs = [np.full((4, 3), 2.0, dtype) for _ in range(2)]
+        for be, o in zip((NB, REF), outs):
+            be.outer(x, y, o, alpha=alpha, accumulate=acc)
+        np.testing.assert_allclose(outs[0], outs[1], **ELEM[dtype])
+
+    outs = [A.copy(), A.copy()]
+    for be, o in zip((NB, REF), outs):
+        be.add_bias(o, B[1])
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+    for alpha, acc in ((1.0, False), (1 / 6, False), (1 / 6, True), (1.0, True)):
+        outs = [np.full(4, 0.5, dtype) for _ in range(2)]
+        for be, o in zip((NB, REF), outs):
+            be.bias_grad(A, o, alpha=alpha, accumulate=acc)
+        np.testing.assert_allclose(outs[0], outs[1], **ELEM[dtype])
+
+    for n in (7, 100003):
+        p, g = rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype)
+        outs = [p.copy(), p.copy()]
+        for be, o in zip((NB, REF), outs):
+            be.sgd_update(o, g, 0.1)
+        np.testing.assert_array_equal(outs[0], outs[1])  # same rounding: p - g * lr
+
+    assert NB.all_finite(A) and not NB.all_finite(np.array([1.0, np.inf], dtype))
+    big = np.ones(10_000, dtype)
+    for bad in (0, 4095, 4096, 9_999):
+        for value in (np.nan, np.inf, -np.inf):
+            big[bad] = value
+            assert not NB.all_finite(big)
+            big[bad] = 1.0
+    assert NB.all_finite(big) and NB.all_finite(np.empty(0, dtype))
+    assert NB.all_finite(np.full(5, np.finfo(dtype).max, dtype))
+    index = np.array([5, 0, 3])
+    outs = [np.empty((3, 4), dtype) for _ in range(2)]
+    for be, o in zip((NB, REF), outs):
+        be.take_rows(A, index, o)
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("rows", [1, 5, 300])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ELEMENTWISE_ACTIVATIONS)
+def test_hidden_delta(name, dtype, rows):
+    rng = np.random.default_rng(6)
+    dn = rng.standard_normal((rows, 3)).astype(dtype)
+    w = rng.standard_normal((3, 64)).astype(dtype)
+    z = _z((rows, 64), dtype, scale=1.0)
+    a = np.empty_like(z)
+    REF.activation(name, z, a)
+    outs = [np.empty_like(z) for _ in range(2)]
+    for be, o in zip((NB, REF), outs):
+        be.hidden_delta(name, dn, w, z, a, o)
+    np.testing.assert_allclose(outs[0], outs[1], **GEMM[dtype])
+
+
+# ---------------------------------------------------------------- compiled loop and epochs
+
+COMBOS = [("sigmoid", "mse", None), ("relu", "cross_entropy", None), ("tanh", "log_loss", None),
+          ("leaky_relu", "mse", "softmax"), ("identity", "cross_entropy", "sigmoid"),
+          ("relu", "log_loss", "tanh")]
+
+
+def _net(backend, sizes, hidden, loss, output, dtype, seed=0):
+    with fb.use_backend(backend):
+        return fb.MLP(sizes, activation=hidden, loss=loss, output=output, dtype=dtype, seed=seed)
+
+
+def _data(n, sizes, loss, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, sizes[0]))
+    if loss == "cross_entropy":
+        return X, np.eye(sizes[-1])[rng.integers(0, sizes[-1], n)]
+    if loss == "log_loss":
+        return X, rng.integers(0, 2, (n, sizes[-1])).astype(float)
+    return X, rng.standard_normal((n, sizes[-1]))
+
+
+def _flat(grads):
+    dWs, dbs = grads
+    return np.concatenate([np.asarray(g).ravel() for g in dWs + dbs])
+
+
+def _params(net):
+    W, b = net.get_params()
+    return np.concatenate([p.ravel() for p in W + b])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden,loss,output", COMBOS)
+def test_loop_gradients_match_numpy(hidden, loss, output, dtype):
+    sizes = [5, 8, 6, 3]
+    X, Y = _data(13, sizes, loss)
+    ref = _net("numpy", sizes, hidden, loss, output, dtype)
+    nb = _net("numba", sizes, hidden, loss, output, dtype)
+    expected_vec = _flat(ref.gradients(X, Y, strategy="vectorized"))
+    expected_loop = _flat(ref.gradients(X, Y, strategy="loop"))
+    got = _flat(nb.gradients(X, Y, strategy="loop"))  # NB.loop_gradients, one compiled call
+    np.testing.assert_allclose(got, expected_loop, **GEMM[dtype])
+    np.testing.assert_allclose(got, expected_vec, **GEMM[dtype])
+
+    # the kernel itself: its return value is the summed cost
+    spec = nb.spec
+    Xd, Yd = (np.ascontiguousarray(v, dtype=dtype) for v in (X, Y))
+    grads = np.empty(spec.n_params, dtype)
+    total = NB.loop_gradients(spec, nb._params, Xd, Yd, grads)
+    assert total / len(X) == pytest.approx(ref.loss(X, Y), rel=1e-12 if dtype == "float64" else 1e-5)
+
+
+@pytest.mark.parametrize("path", ["hand", "blas", "per-batch"])
+@pytest.mark.parametrize("batch_size,strategy", [(1, "vectorized"), (1, "loop"), (4, "vectorized"),
+                                                 (4, "loop"), (None, "vectorized")])
+@pytest.mark.parametrize("hidden,loss,output", COMBOS)
+def test_fit_trajectory_matches_numpy(hidden, loss, output, batch_size, strategy, path, monkeypatch):
+    """Compiled epochs (hand-loop or BLAS products) and the per-batch path vs NumPy, float64."""
+    if path == "blas":  # every product a BLAS GEMM
+        for name, value in (("FORWARD_BLAS_MIN", 0), ("BACKWARD_BLAS_MIN", 0)):
+            monkeypatch.setattr(NB, name, value)
+    if path == "hand":  # every product a hand loop
+        for name, value in (("FORWARD_BLAS_MIN", 2**62), ("BACKWARD_BLAS_MIN", 2**62)):
+            monkeypatch.setattr(NB, name, value)
+    if path == "per-batch":
+        monkeypatch.setattr(NB, "supports_epoch", lambda *args: False)
+    sizes = [4, 7, 5, 3]
+    X, Y = _data(18, sizes, loss, seed=1)
+    nets = [_net(b, sizes, hidden, loss, output, "float64", seed=2) for b in ("numpy", "numba")]
+    hists = [net.fit(X, Y, epochs=3, batch_size=batch_size, lr=0.1, strategy=strategy, seed=3, progress=False)
+             for net in nets]
+    np.testing.assert_allclose(_params(nets[1]), _params(nets[0]), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(list(hists[1]), list(hists[0]), rtol=1e-10)
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_fit_trajectory_float32(batch_size):
+    sizes = [6, 16, 4]
+    X, Y = _data(64, sizes, "cross_entropy", seed=4)
+    nets = [_net(b, sizes, "relu", "cross_entropy", None, "float32", seed=5) for b in ("numpy", "numba")]
+    hists = [net.fit(X, Y, epochs=3, batch_size=batch_size, lr=0.05, seed=6, progress=False) for net in nets]
+    np.testing.assert_allclose(_params(nets[1]), _params(nets[0]), rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(list(hists[1]), list(hists[0]), rtol=2e-4)
+
+
+@pytest.mark.parametrize("batch_size,strategy", [(1, "vectorized"), (2, "vectorized"), (2, "loop")])
+def test_train_epoch_stops_before_a_non_finite_batch(batch_size, strategy):
+    spec = NetSpec((3, 4, 2), "tanh", "identity", "mse", np.dtype("float64"))
+    rng = np.random.default_rng(7)
+    params0 = rng.standard_normal(spec.n_params) * 0.3
+    X, Y = rng.standard_normal((6, 3)), rng.standard_normal((6, 2))
+    Y[4, 1] = np.inf  # the batch holding row 4 has an infinite cost
+    params, grads = params0.copy(), np.empty_like(params0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        total, done = NB.train_epoch(spec, params, grads, X, Y, batch_size, 0.1, strategy)
+    assert done == 4
+    expected, expected_grads = params0.copy(), np.empty_like(params0)
+    total_ok, done_ok = NB.train_epoch(spec, expected, expected_grads, X[:4], Y[:4], batch_size, 0.1, strategy)
+    assert done_ok == 4 and total == pytest.approx(total_ok, rel=1e-14)
+    np.testing.assert_array_equal(params, expected)  # the bad batch's update was not applied
+
+
+def test_fast_paths_refuse_mismatched_buffers():
+    spec = NetSpec((3, 4, 2), "relu", "softmax", "cross_entropy", np.dtype("float64"))
+    params, grads = np.zeros(spec.n_params), np.zeros(spec.n_params)
+    X, Y = np.zeros((5, 3)), np.zeros((5, 2))
+    bad = [(params[:-1], grads, X, Y), (params, grads, X[:, :2], Y), (params, grads, X, Y[:4]),
+           (params, grads, X.astype(np.float32), Y), (params, grads, np.asfortranarray(X), Y)]
+    for p, g, x, y in bad:
+        with pytest.raises(ValueError, match="compiled fast path"):
+            NB.loop_gradients(spec, p, x, y, g)
+        with pytest.raises(ValueError, match="compiled fast path"):
+            NB.train_epoch(spec, p, g, x, y, 2, 0.1, "vectorized")
+
+
+def test_take_rows_clips_like_numpy():
+    src = np.arange(12.0).reshape(4, 3)
+    index = np.array([3, -2, 7, 0])
+    outs = [np.empty((4, 3)) for _ in range(2)]
+    for be, o in zip((NB, REF), outs):
+        be.take_rows(src, index, o)
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_small_epochs_run_blas_on_one_thread_and_restore_it():
+    if NB._blas is None:
+        pytest.skip("threadpoolctl cannot see SciPy's OpenBLAS here")
+    seen = []
+    spec = NetSpec((4, 6, 3), "relu", "softmax", "cross_entropy", np.dtype("float64"))
+    rng = np.random.default_rng(8)
+    params, grads = rng.standard_normal(spec.n_params) * 0.1, np.empty(spec.n_params)
+    X, Y = rng.standard_normal((8, 4)), np.eye(3)[rng.integers(0, 3, 8)]
+    before = NB._blas.get_num_threads()
+    real = NB._k.batch_epoch
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(NB._k, name)
+
+        def batch_epoch(self, *args):
+            seen.append(NB._blas.get_num_threads())
+            return real(*args)
+
+    kernels, NB._k = NB._k, Spy()
+    try:
+        NB.train_epoch(spec, params, grads, X, Y, 4, 0.1, "vectorized")
+    finally:
+        NB._k = kernels
+    assert seen == [1] and NB._blas.get_num_threads() == before
+
+
+def test_supports_epoch_by_size():
+    small = NetSpec((784, 128, 10), "relu", "softmax", "cross_entropy", np.dtype("float32"))
+    large = NetSpec((1024, 2048, 2048, 10), "relu", "softmax", "cross_entropy", np.dtype("float32"))
+    assert NB.supports_epoch(small, 1, "vectorized") and NB.supports_epoch(large, 1, "vectorized")
+    assert NB.supports_epoch(large, 512, "loop")
+    assert NB.supports_epoch(small, 64, "vectorized")
+    assert not NB.supports_epoch(large, 512, "vectorized")
+
+
+def test_warmup_info_and_unavailable(monkeypatch):
+    assert NB.warmup("float64") >= 0.0
+    info = NB.info()
+    assert info["name"] == "numba" and info["numba_threads"] == 1
+    assert {"numba", "blas", "blas_threads", "thread_policy", "cores"} <= info.keys()
+
+    import fastbp.kernels.numba as module
+
+    monkeypatch.setattr(module, "numba", None)
+    with pytest.raises(BackendUnavailableError) as err:
+        module.create()
+    assert err.value.reason == "numba is not installed" and err.value.fix == "pip install numba"
