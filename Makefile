@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 BENCH_ARGS ?=
 
-.PHONY: test bench bench-full bench-peers info clean
+.PHONY: test bench bench-full bench-peers bench-cpu-peers bench-gpu info clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +28,21 @@ test: $(VENV)/.test
 bench: $(VENV)/.bench
 	$(VENV)/bin/fastbp bench --out benchmarks/results/bench-latest.json --plot benchmarks/results/bench-latest.png $(BENCH_ARGS)
 
-# PyTorch and scikit-learn measured side by side in the same run (torch is an optional extra).
-bench-peers: $(VENV)/.bench
-	$(PIP) install --quiet 'torch>=2.0'
+# PyTorch (CPU build, an optional extra) and scikit-learn measured side by side in the same run.
+$(VENV)/.torch: $(VENV)/.bench
+	$(PY) -c 'import torch' 2>/dev/null || $(PIP) install --quiet torch --index-url https://download.pytorch.org/whl/cpu
+	touch $@
+
+bench-peers: $(VENV)/.torch
 	$(VENV)/bin/fastbp bench --peers torch,sklearn --out benchmarks/results/bench-peers-latest.json $(BENCH_ARGS)
+
+# The Numba backend against PyTorch eager and scikit-learn on the issue's five CPU workloads.
+bench-cpu-peers: $(VENV)/.torch
+	$(PY) benchmarks/peers_cpu.py
+
+# On an NVIDIA GPU (needs fastbp[cuda12] or fastbp[cuda13], and torch with CUDA for the peer).
+bench-gpu: $(VENV)/.bench
+	$(PY) benchmarks/gpu_peers.py
 
 # The pytest-benchmark suites (kernels, training steps); saved for --benchmark-compare.
 bench-full: $(VENV)/.bench $(VENV)/.test
