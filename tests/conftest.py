@@ -28,3 +28,13 @@ def make_data(n, n_in, n_out, loss, seed=0, labels=False):
     if loss == "log_loss":
         return X, rng.integers(0, 2, size=(n, n_out)).astype(float)
     return X, rng.normal(size=(n, n_out))
+
+
+def target_rows(loss, shape, dtype, seed=1):
+    """Kernel-level targets of ``shape`` (n, k) valid for ``loss``: one-hot, 0/1 or normal."""
+    rng = np.random.default_rng(seed)
+    if loss == "cross_entropy":
+        return np.eye(shape[1], dtype=dtype)[rng.integers(0, shape[1], shape[0])]
+    if loss == "log_loss":
+        return rng.integers(0, 2, shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 import fastbp as fb
+from conftest import target_rows
 import fastbp.backend as registry
 import fastbp.kernels.cupy as kc
 from fastbp.errors import BackendUnavailableError
@@ -391,15 +392,6 @@ def _logits(shape, dtype, seed=0, scale=3.0):
     return z.astype(dtype)
 
 
-def _targets(loss, shape, dtype, seed=1):
-    rng = np.random.default_rng(seed)
-    if loss == "cross_entropy":
-        return np.eye(shape[1], dtype=dtype)[rng.integers(0, shape[1], shape[0])]
-    if loss == "log_loss":
-        return rng.integers(0, 2, shape).astype(dtype)
-    return rng.standard_normal(shape).astype(dtype)
-
-
 def _act(name, z):
     out = np.empty_like(z)
     REF.activation(name, z, out)
@@ -417,7 +409,7 @@ def test_emulated_output_delta(emu, dtype, loss, output):
     m, k = 7, 37  # k > 32: each lane handles several columns
     z = _logits((m, k), dtype)
     a = _act(output, z)
-    y = _targets(loss, (m, k), dtype)
+    y = target_rows(loss, (m, k), dtype)
     d_ref = np.empty_like(z)
     total_ref = REF.output_delta(loss, output, z, a, y, d_ref)
     d, rows = np.full_like(z, np.nan), np.empty(m, dtype)
@@ -644,7 +636,7 @@ def _epoch_case(spec_args, dtype, n=11, seed=0):
     rng = np.random.default_rng(seed)
     params = (rng.standard_normal(spec.n_params) * 0.5).astype(dtype)
     X = rng.standard_normal((n, sizes[0])).astype(dtype)
-    Y = _targets(loss, (n, sizes[-1]), dtype, seed=seed + 1)
+    Y = target_rows(loss, (n, sizes[-1]), dtype, seed=seed + 1)
     return spec, params, X, Y
 
 
@@ -881,7 +873,7 @@ def test_fake_device_row_kernels(fake_backend, dtype):
     for output in ACTIVATIONS:
         a_ref = _act(output, z)
         for loss in LOSSES:
-            y = _targets(loss, z.shape, dtype)
+            y = target_rows(loss, z.shape, dtype)
             d_ref = np.empty_like(z)
             total_ref = REF.output_delta(loss, output, z, a_ref, y, d_ref)
             d = be.empty(z.shape, dtype)
@@ -1022,7 +1014,7 @@ def test_gpu_basic_kernels(cupy_be, dtype):
         be.activation_backward(name, _dev(be, z), a, gd)
         _close(be.to_numpy(gd), g_ref, ELEM[dtype], name)
         for loss in LOSSES:
-            y = _targets(loss, z.shape, dtype)
+            y = target_rows(loss, z.shape, dtype)
             d_ref = np.empty_like(z)
             total_ref = REF.output_delta(loss, name, z, a_ref, y, d_ref)
             d = be.empty(z.shape, dtype)

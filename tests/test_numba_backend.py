@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("numba")
 import fastbp as fb  # noqa: E402
+from conftest import target_rows  # noqa: E402
 from fastbp.errors import BackendUnavailableError  # noqa: E402
 from fastbp.kernels.base import ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, LOSSES, NetSpec  # noqa: E402
 
@@ -40,15 +41,6 @@ def _z(shape, dtype, seed=0, scale=3.0):
     flat[1::11] = 1e4
     flat[2::13] = -1e4
     return z.astype(dtype)
-
-
-def _targets(loss, shape, dtype, seed=1):
-    rng = np.random.default_rng(seed)
-    if loss == "cross_entropy":
-        return np.eye(shape[1], dtype=dtype)[rng.integers(0, shape[1], shape[0])]
-    if loss == "log_loss":
-        return rng.integers(0, 2, shape).astype(dtype)
-    return rng.standard_normal(shape).astype(dtype)
 
 
 # ---------------------------------------------------------------- elementwise kernels
@@ -93,7 +85,7 @@ def test_output_delta_and_loss_sum(loss, output, dtype):
     z = _z((9, 4), dtype, seed=3)
     a = np.empty_like(z)
     REF.activation(output, z, a)
-    y = _targets(loss, z.shape, dtype)
+    y = target_rows(loss, z.shape, dtype)
     d_nb, d_ref = np.empty_like(z), np.empty_like(z)
     c_nb = NB.output_delta(loss, output, z, a, y, d_nb)
     c_ref = REF.output_delta(loss, output, z, a, y, d_ref)
