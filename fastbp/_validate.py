@@ -56,18 +56,34 @@ def positive_float(name: str, value) -> float:
 def seed(name: str, value):
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be None or an int >= 0. Received: {name}={value!r} ({type(value).__name__})")
+    if value < 0:
+        raise ValueError(f"{name} out of range. Received: {name}={value!r}. Expected None or an int >= 0")
     return int(value)
+
+
+FLOAT_DTYPES = ("float32", "float64")
+
+
+def float_dtype(name: str, value) -> np.dtype:
+    """float32 or float64, from a name, a NumPy type or a dtype."""
+    try:
+        key = value if isinstance(value, str) else np.dtype(value).name if value is not None else None
+    except TypeError:
+        key = None
+    if key not in FLOAT_DTYPES:
+        raise ValueError(f"unsupported {name}. Received: {name}={value!r}. Expected one of {list(FLOAT_DTYPES)}")
+    return np.dtype(key)
 
 
 def _array_module(x):
     return sys.modules["cupy"] if array_module_name(x) == "cupy" else np
 
 
-def numeric_array(name: str, x):
-    """``x`` as a real-valued numpy or cupy array (cupy stays on its device), with the checks
-    that do not depend on the model: numeric dtype, not empty, finite."""
+def numeric_array(name: str, x, dtype=None):
+    """``x`` as a real-valued numpy or cupy array (cupy stays on its device), checked: numeric
+    dtype, not empty, finite — and, given the model's ``dtype``, finite once cast to it."""
     if x is None:
         raise TypeError(f"{name} must be an array. Received: None. Expected an array-like of numbers")
     xp = _array_module(x)
@@ -85,12 +101,17 @@ def numeric_array(name: str, x):
         raise ValueError(f"{name} is empty. Received: {_describe(arr)}. Expected at least one sample")
     if arr.dtype.kind == "f" and not bool(xp.isfinite(arr).all()):
         raise ValueError(f"{name} contains NaN or Inf. Received: {_describe(arr)}. Expected finite values")
+    if dtype is not None and arr.dtype.kind == "f" and arr.dtype.itemsize > np.dtype(dtype).itemsize:
+        biggest, limit = float(xp.abs(arr).max()), float(np.finfo(dtype).max)
+        if biggest > limit:  # would become Inf in the model's dtype
+            raise ValueError(f"{name} does not fit the model's dtype. Received: a value of magnitude {biggest:.3g}. "
+                             f"Expected magnitudes up to {limit:.3g} ({np.dtype(dtype).name})")
     return arr
 
 
-def features(name: str, x, n_features: int):
+def features(name: str, x, n_features: int, dtype=None):
     """X of shape (n_samples, n_features)."""
-    arr = numeric_array(name, x)
+    arr = numeric_array(name, x, dtype)
     if arr.ndim != 2 or arr.shape[1] != n_features:
         raise ValueError(f"{name} has the wrong shape. Received: {_describe(arr)}. "
                          f"Expected shape (n_samples, {n_features})")
@@ -103,7 +124,7 @@ def targets(name: str, y, *, n_samples: int, n_outputs: int, loss: str, dtype):
     Integer class labels of shape (n_samples,) become one-hot rows for
     cross_entropy; a 1-D Y is a single column for one-output models.
     """
-    arr = numeric_array(name, y)
+    arr = numeric_array(name, y, dtype)
     xp = _array_module(arr)
     if arr.ndim == 1 and arr.shape[0] == n_samples and loss == "cross_entropy":
         labels = arr

@@ -51,10 +51,11 @@ import numpy as np
 import fastbp as fb
 
 from . import machine
+from ._validate import FLOAT_DTYPES
 
 SCHEMA = "fastbp-bench/1"
 PEERS = ("torch", "sklearn")
-DTYPES = ("float32", "float64")
+DTYPES = FLOAT_DTYPES
 FULL = "full"  # a batch-size entry meaning "the whole training set"
 FLOP_FORMULA = ("per example, per weight layer in x out: forward 2*in*out + weight gradient 2*in*out "
                 "+ input gradient 2*in*out (all layers but the first); elementwise work and the "

@@ -35,7 +35,7 @@ logger = logging.getLogger("fastbp")
 DEFAULT_OUTPUT = {"mse": "identity", "log_loss": "sigmoid", "cross_entropy": "softmax"}
 INITS = ("auto", "he", "glorot", "normal")
 STRATEGIES = ("vectorized", "loop")
-DTYPES = ("float32", "float64")
+DTYPES = check.FLOAT_DTYPES
 FORMAT_VERSION = 1
 _MAX_WORKSPACES = 8  # batch sizes kept warm; a fit uses at most two (full and remainder)
 
@@ -98,7 +98,7 @@ class MLP:
         check.choice("activation", activation, ELEMENTWISE_ACTIVATIONS)
         check.choice("loss", loss, LOSSES)
         output = DEFAULT_OUTPUT[loss] if output is None else check.choice("output", output, ACTIVATIONS)
-        dtype = _check_dtype(dtype)
+        dtype = check.float_dtype("dtype", dtype)
         seed = check.seed("seed", seed)
         check.choice("init", init, INITS)
 
@@ -143,7 +143,7 @@ class MLP:
             raise ValueError(f"{name} must be a list of {len(shapes)} arrays. Received: {got}")
         out = []
         for l, (value, shape) in enumerate(zip(values, shapes)):
-            arr = check.numeric_array(f"{name}[{l}]", value)
+            arr = check.numeric_array(f"{name}[{l}]", value, self.dtype)
             if tuple(arr.shape) != shape:
                 raise ValueError(f"{name}[{l}] has the wrong shape. Received: {tuple(arr.shape)}. Expected {shape}")
             out.append(arr)
@@ -151,10 +151,10 @@ class MLP:
 
     # ------------------------------------------------------------ inputs
     def _inputs(self, X, name="X"):
-        return self.backend.asarray(check.features(name, X, self.spec.sizes[0]), self.dtype)
+        return self.backend.asarray(check.features(name, X, self.spec.sizes[0], self.dtype), self.dtype)
 
     def _inputs_targets(self, X, Y, names=("X", "Y")):
-        Xc = check.features(names[0], X, self.spec.sizes[0])
+        Xc = check.features(names[0], X, self.spec.sizes[0], self.dtype)
         Yc = check.targets(names[1], Y, n_samples=Xc.shape[0], n_outputs=self.spec.sizes[-1],
                            loss=self.spec.loss, dtype=self.dtype)
         return self.backend.asarray(Xc, self.dtype), self.backend.asarray(Yc, self.dtype)
@@ -282,6 +282,9 @@ class MLP:
         epochs = check.positive_int("epochs", epochs)
         batch_size = check.positive_int("batch_size", batch_size, allow_none=True)
         lr = check.positive_float("lr", lr)
+        if lr > np.finfo(self.dtype).max:
+            raise ValueError(f"lr does not fit the model's dtype. Received: lr={lr!r}. "
+                             f"Expected at most {float(np.finfo(self.dtype).max):.3g} ({self.dtype.name})")
         if not isinstance(shuffle, (bool, np.bool_)):
             raise TypeError(f"shuffle must be a bool. Received: shuffle={shuffle!r}")
         check.choice("strategy", strategy, STRATEGIES)
@@ -402,21 +405,27 @@ class MLP:
         missing = {"format_version", "sizes", "activation", "output", "loss", "dtype", "params"} - fields.keys()
         if missing:
             raise ValueError(f"{path!r} is not a fastbp model: missing {sorted(missing)}")
-        version = int(fields["format_version"])
+        try:
+            version = int(fields["format_version"])
+            meta = {"sizes": [int(v) for v in fields["sizes"]],
+                    **{key: str(fields[key]) for key in ("activation", "loss", "output", "dtype")}}
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path!r} is corrupt: unreadable architecture fields ({exc})") from None
         if version > FORMAT_VERSION:
             raise ValueError(f"{path!r} has format version {version}; this fastbp reads up to {FORMAT_VERSION}")
-        return cls._rebuild({key: fields[key] for key in ("sizes", "activation", "loss", "output", "dtype")},
-                            fields["params"], origin=repr(path))
+        return cls._rebuild(meta, fields["params"], origin=repr(path))
 
     @classmethod
     def _rebuild(cls, meta: dict, params: np.ndarray, origin: str) -> "MLP":
         """A model of class ``cls`` from saved architecture fields and a flat parameter array."""
         net = cls.__new__(cls)
-        MLP.__init__(net, [int(v) for v in meta["sizes"]], activation=str(meta["activation"]),
-                     loss=str(meta["loss"]), output=str(meta["output"]), dtype=str(meta["dtype"]))
+        MLP.__init__(net, meta["sizes"], activation=meta["activation"], loss=meta["loss"], output=meta["output"],
+                     dtype=meta["dtype"])
         if params.shape != (net.spec.n_params,):
             raise ValueError(f"{origin} is corrupt: params has shape {params.shape}, "
                              f"expected ({net.spec.n_params},) for sizes {net.sizes}")
+        if params.dtype.kind != "f" or not np.isfinite(params).all():
+            raise ValueError(f"{origin} is corrupt: its parameters are not all finite floats")
         net._params[...] = net.backend.asarray(params, net.dtype)
         return net
 
@@ -445,6 +454,14 @@ class LogisticRegression(MLP):
         super().__init__([n_features, 1], activation="sigmoid", loss="log_loss", output="sigmoid",
                          dtype=dtype, seed=seed, init=init)
 
+    @classmethod
+    def _rebuild(cls, meta: dict, params: np.ndarray, origin: str) -> "LogisticRegression":
+        sizes = list(meta["sizes"])
+        if len(sizes) != 2 or sizes[1] != 1 or (meta["loss"], meta["output"]) != ("log_loss", "sigmoid"):
+            raise ValueError(f"{origin} holds an MLP {sizes} with {meta['loss']} and a {meta['output']} output, "
+                             "not a LogisticRegression: load it with fb.MLP.load")
+        return super()._rebuild(meta, params, origin)
+
     def __repr__(self) -> str:
         return f"LogisticRegression(n_features={self.spec.sizes[0]}, dtype={self.dtype.name!r}, backend={self.backend.name!r})"
 
@@ -460,21 +477,6 @@ def _check_sizes(sizes) -> list[int]:
     for i, s in enumerate(sizes):
         check.positive_int(f"sizes[{i}]", s)
     return [int(s) for s in sizes]
-
-
-def _check_dtype(dtype) -> np.dtype:
-    name = dtype if isinstance(dtype, str) else getattr(np.dtype(dtype) if _is_dtype_like(dtype) else None, "name", None)
-    if name not in DTYPES:
-        raise ValueError(f"unsupported dtype. Received: dtype={dtype!r}. Expected one of {list(DTYPES)}")
-    return np.dtype(name)
-
-
-def _is_dtype_like(value) -> bool:
-    try:
-        np.dtype(value)
-    except TypeError:
-        return False
-    return True
 
 
 def _initial_params(spec: NetSpec, init: str, rng: np.random.Generator) -> np.ndarray:

@@ -12,6 +12,8 @@ They wrap :class:`fastbp.MLP`, trained by plain mini-batch SGD on the active bac
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import numbers
 
 import numpy as np
@@ -89,7 +91,7 @@ class _BaseMLP(BaseEstimator):
         verbose = self.verbose
         if not isinstance(verbose, (bool, np.bool_)) and not (isinstance(verbose, numbers.Integral) and verbose >= 0):
             raise TypeError(f"verbose must be a bool or an int >= 0. Received: verbose={verbose!r}")
-        return dict(sizes=sizes, activation=activation, dtype=_dtype_name(self.dtype),
+        return dict(sizes=sizes, activation=activation, dtype=check.float_dtype("dtype", self.dtype).name,
                     rng=check_random_state(self.random_state), epochs=check.positive_int("max_iter", self.max_iter),
                     fit=dict(lr=check.positive_float("learning_rate_init", self.learning_rate_init),
                              shuffle=bool(self.shuffle), strategy=check.choice("strategy", self.strategy, STRATEGIES),
@@ -117,25 +119,43 @@ class _BaseMLP(BaseEstimator):
         self.loss_ = curve[-1]
         self.n_iter_ = len(curve)
 
+    @contextlib.contextmanager
+    def _unchanged_on_error(self):
+        """A call that raises leaves the estimator as it was: validate_data records
+        n_features_in_ before the targets are checked, and a shuffle stream advances
+        before a fit that may diverge (the model itself restores its parameters)."""
+        saved = dict(self.__dict__)
+        stream = copy.deepcopy(saved.get("_stream"))
+        try:
+            yield
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            if stream is not None:
+                self._stream = stream
+            raise
+
     def _fit(self, X, y):
-        hyper = self._hyper()
-        X, y = self._validate_xy(X, y, reset=True)
-        Y, attrs = self._targets(y, reset=True)
-        self._fit_new(X, Y, attrs, hyper["epochs"], hyper)
+        with self._unchanged_on_error():
+            hyper = self._hyper()
+            X, y = self._validate_xy(X, y, reset=True)
+            Y, attrs = self._targets(y, reset=True)
+            self._fit_new(X, Y, attrs, hyper["epochs"], hyper)
         return self
 
     def _partial_fit(self, X, y, **kwargs):
-        hyper = self._hyper()
-        first = not self.__sklearn_is_fitted__()
-        X, y = self._validate_xy(X, y, reset=first)
-        Y, attrs = self._targets(y, reset=first, **kwargs)
-        if first:
-            self._fit_new(X, Y, attrs, 1, hyper)
-        else:
-            curve = self._train(self.model_, X, Y, 1, hyper, self._stream)
-            self.loss_curve_ = self.loss_curve_ + curve
-            self.loss_ = curve[-1]
-            self.n_iter_ += len(curve)
+        with self._unchanged_on_error():
+            hyper = self._hyper()
+            first = not self.__sklearn_is_fitted__()
+            X, y = self._validate_xy(X, y, reset=first)
+            Y, attrs = self._targets(y, reset=first, **kwargs)
+            if first:
+                self._fit_new(X, Y, attrs, 1, hyper)
+            else:
+                curve = self._train(self.model_, X, Y, 1, hyper, self._stream)
+                self.loss_curve_ = self.loss_curve_ + curve
+                self.loss_ = curve[-1]
+                self.n_iter_ += len(curve)
         return self
 
     def _outputs(self, X) -> np.ndarray:
@@ -317,14 +337,3 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     def _loss_and_outputs(self, Y, attrs):
         return "mse", 1 if Y.ndim == 1 else Y.shape[1]
-
-
-def _dtype_name(dtype) -> str:
-    """"float32" or "float64" from a name, a NumPy type or a dtype; else ValueError naming dtype."""
-    try:
-        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name if dtype is not None else None
-    except TypeError:
-        name = None
-    if name not in DTYPES:
-        raise ValueError(f"unsupported dtype. Received: dtype={dtype!r}. Expected one of {list(DTYPES)}")
-    return name

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
 
 import numpy as np
 
@@ -72,6 +73,9 @@ except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
 else:
     from . import numba_kernels as _K
+
+
+_MAX_WORKSPACES = 16  # (network, batch size) layouts kept warm
 
 
 def _usable_cores() -> int:
@@ -126,7 +130,7 @@ class NumbaBackend(Backend):
         self._gemm = {np.dtype(np.float32): blas.sgemm, np.dtype(np.float64): blas.dgemm}
         self._ref = NumpyBackend()  # for shapes/layouts the compiled kernels do not take
         self._specs: dict = {}  # NetSpec -> (sizes array, hidden code, output code, loss code)
-        self._work: dict = {}  # (NetSpec, rows, dtype) -> flat workspace
+        self._work: OrderedDict = OrderedDict()  # (NetSpec, rows, dtype) -> flat workspace, LRU
         self._blas = _blas_controller()  # threadpoolctl's handle on the OpenBLAS our GEMMs use
 
     # ------------------------------------------------------------ arrays
@@ -289,6 +293,10 @@ class NumbaBackend(Backend):
         if work is None:
             size = 3 * sum(spec.sizes) if rows == 0 else 3 * rows * sum(spec.sizes[1:])
             work = self._work[key] = np.empty(size, dtype=dtype)
+            if len(self._work) > _MAX_WORKSPACES:  # bounded: many models or batch sizes over a process
+                self._work.popitem(last=False)
+        else:
+            self._work.move_to_end(key)
         return work
 
     def _check_fast_path(self, spec: NetSpec, params, grads, X, Y) -> None:

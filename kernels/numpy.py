@@ -8,6 +8,8 @@ allocates no arrays.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .base import LEAKY_SLOPE, Backend
@@ -18,13 +20,15 @@ class NumpyBackend(Backend):
     xp = np
 
     def __init__(self) -> None:
-        self._scratch: dict[tuple, np.ndarray] = {}
+        # Per thread: ufuncs release the GIL, so models training in two threads must not share.
+        self._local = threading.local()
 
     def _buf(self, tag: str, shape: tuple, dtype) -> np.ndarray:
+        scratch = self._local.__dict__.setdefault("scratch", {})
         key = (tag, shape, np.dtype(dtype).str)
-        buf = self._scratch.get(key)
+        buf = scratch.get(key)
         if buf is None:
-            buf = self._scratch[key] = np.empty(shape, dtype=dtype)
+            buf = scratch[key] = np.empty(shape, dtype=dtype)
         return buf
 
     # ------------------------------------------------------------ arrays
@@ -149,7 +153,7 @@ class NumpyBackend(Backend):
     def output_delta(self, loss, output, z, a, y, delta):
         if loss == "mse":  # c = 1/2 |a - y|^2, dc/da = a - y
             np.subtract(a, y, out=delta)
-            total = 0.5 * float(np.vdot(delta, delta))
+            total = 0.5 * _sum_of_squares(delta, self._buf("loss", delta.shape, delta.dtype))
             self.activation_backward(output, z, a, delta)
             return total
         if loss == "log_loss" and output == "sigmoid":  # dc/dz = a - y exactly
@@ -186,7 +190,7 @@ class NumpyBackend(Backend):
         tmp = self._buf("loss", z.shape, z.dtype)
         if loss == "mse":
             np.subtract(a, y, out=tmp)
-            return 0.5 * float(np.vdot(tmp, tmp))
+            return 0.5 * _sum_of_squares(tmp, tmp)
         if loss == "log_loss" and output == "sigmoid":
             # -[y log s(z) + (1-y) log(1-s(z))] = (1-y) softplus(z) + y softplus(-z):
             # no cancellation, so a tiny cost keeps its relative precision.
@@ -198,7 +202,7 @@ class NumpyBackend(Backend):
             np.logaddexp(0.0, tmp2, out=tmp2)
             tmp2 *= y
             tmp += tmp2
-            return float(tmp.sum())
+            return float(tmp.sum(dtype=np.float64))
         if loss == "cross_entropy" and output == "softmax":
             # -sum_j y_j log softmax_j = sum_j y_j (logsumexp(z) - z_j)
             # computed as (max - z_j) + log sum exp(z - max): no cancellation against max
@@ -211,7 +215,7 @@ class NumpyBackend(Backend):
             np.log(lse, out=lse)
             np.subtract(lse, tmp, out=tmp)
             tmp *= y
-            return float(tmp.sum())
+            return float(tmp.sum(dtype=np.float64))
         ac = self._clipped(a)
         if loss == "log_loss":
             tmp2 = self._buf("loss2", z.shape, z.dtype)
@@ -223,10 +227,10 @@ class NumpyBackend(Backend):
             np.subtract(1.0, y, out=one_minus_y)
             tmp2 *= one_minus_y
             tmp += tmp2
-            return -float(tmp.sum())
+            return -float(tmp.sum(dtype=np.float64))
         np.log(ac, out=tmp)
         tmp *= y
-        return -float(tmp.sum())
+        return -float(tmp.sum(dtype=np.float64))
 
     def _clipped(self, a):
         """``a`` clipped into ``[eps, 1 - eps]`` so logs and divisions stay finite."""
@@ -240,6 +244,12 @@ class NumpyBackend(Backend):
         np.multiply(grads, lr, out=tmp)
         params -= tmp
 
+
+
+def _sum_of_squares(x, scratch) -> float:
+    """sum(x^2) accumulated in float64 (a float32 sum of huge costs would overflow first)."""
+    np.multiply(x, x, out=scratch)
+    return float(scratch.sum(dtype=np.float64))
 
 
 def create() -> NumpyBackend:

@@ -33,7 +33,8 @@ GOOD_Y = np.array([0, 1, 1, 0, 1])
     (dict(sizes=[3, 2], output="gelu"), ValueError, r"output=.gelu."),
     (dict(sizes=[3, 2], dtype="float16"), ValueError, r"dtype=.float16.. Expected one of \['float32', 'float64'\]"),
     (dict(sizes=[3, 2], dtype=int), ValueError, "dtype"),
-    (dict(sizes=[3, 2], seed=-1), TypeError, "seed"),
+    (dict(sizes=[3, 2], seed=-1), ValueError, r"seed out of range"),
+    (dict(sizes=[3, 2], dtype=None), ValueError, "dtype"),
     (dict(sizes=[3, 2], seed="a"), TypeError, "seed"),
     (dict(sizes=[3, 2], init="xavier"), ValueError, r"init=.xavier."),
 ])
@@ -142,3 +143,38 @@ def test_gradcheck_argument_errors(net):
         fb.gradcheck("net", GOOD_X, GOOD_Y)
     with pytest.raises(ValueError, match="eps out of range"):
         fb.gradcheck(net, GOOD_X, GOOD_Y, eps=0)
+
+
+def test_values_beyond_float32_are_rejected_not_turned_into_inf(net):
+    """Finite float64 values that overflow float32 are caught before the cast."""
+    before = _snapshot(net)
+    huge = np.zeros((5, 3))
+    huge[0, 0] = 1e39
+    for call in (lambda: net.gradients(huge, GOOD_Y), lambda: net.loss(huge, GOOD_Y),
+                 lambda: net.fit(huge, GOOD_Y, progress=False), lambda: net.predict(huge)):
+        with pytest.raises(ValueError, match=r"X does not fit the model's dtype.*float32"):
+            call()
+    with pytest.raises(ValueError, match=r"weights\[0\] does not fit"):
+        net.set_params([np.full((4, 3), 1e39), np.zeros((2, 4))], [np.zeros(4), np.zeros(2)])
+    with pytest.raises(ValueError, match="lr does not fit"):
+        net.fit(GOOD_X, GOOD_Y, lr=1e300, progress=False)
+    for a, b in zip(before, _snapshot(net)):
+        np.testing.assert_array_equal(a, b)
+    fb.MLP([3, 2], dtype="float64").predict(huge)  # fine in float64
+
+
+def test_load_rejects_non_finite_and_mismatched_files(tmp_path):
+    net = fb.MLP([4, 3, 2], loss="cross_entropy", seed=0)
+    net.save(tmp_path / "mlp.npz")
+    with pytest.raises(ValueError, match="not a LogisticRegression: load it with fb.MLP.load"):
+        fb.LogisticRegression.load(tmp_path / "mlp.npz")
+    data = dict(np.load(tmp_path / "mlp.npz"))
+    data["params"][0] = np.nan
+    np.savez(tmp_path / "nan.npz", **data)
+    with pytest.raises(ValueError, match="not all finite"):
+        fb.MLP.load(tmp_path / "nan.npz")
+    data = dict(np.load(tmp_path / "mlp.npz"))
+    data["sizes"] = np.array(["a", "b"])
+    np.savez(tmp_path / "bad_sizes.npz", **data)
+    with pytest.raises(ValueError, match="corrupt: unreadable architecture"):
+        fb.MLP.load(tmp_path / "bad_sizes.npz")

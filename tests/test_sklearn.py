@@ -281,3 +281,20 @@ def test_import_fastbp_sklearn_without_sklearn_says_how_to_install():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install 'fastbp[sklearn]'" in out.stdout
+
+
+def test_rejected_fit_leaves_a_fitted_estimator_as_it_was():
+    rng = np.random.default_rng(0)
+    X4, y3 = rng.normal(size=(30, 4)), np.arange(30) % 3
+    clf = MLPClassifier(hidden_layer_sizes=(5,), max_iter=2, random_state=0).fit(X4, y3)
+    before = (clf.n_features_in_, clf.predict_proba(X4).copy(), list(clf.loss_curve_))
+    with pytest.raises(ValueError):
+        clf.fit(rng.normal(size=(20, 7)), np.zeros(20))  # one class only
+    with pytest.raises(ValueError):
+        clf.partial_fit(rng.normal(size=(20, 7)), np.arange(20) % 3)  # wrong feature count
+    assert clf.n_features_in_ == before[0] and list(clf.loss_curve_) == before[2]
+    np.testing.assert_array_equal(clf.predict_proba(X4), before[1])
+    fresh = MLPClassifier(hidden_layer_sizes=(5,), max_iter=2)
+    with pytest.raises(ValueError):
+        fresh.partial_fit(X4, y3)  # first call needs classes=
+    assert not hasattr(fresh, "n_features_in_")

@@ -205,3 +205,26 @@ def test_pickle_round_trip_lands_on_the_active_backend(backend):
         clone = pickle.loads(pickle.dumps(clone))
         h2 = clone.fit(X, y, epochs=2, progress=False)
     np.testing.assert_allclose(h2, h1, rtol=1e-10)
+
+
+def test_models_training_in_two_threads_match_sequential_runs(backend):
+    """Backends keep no shared mutable scratch between models: threads cannot corrupt each other."""
+    import threading
+
+    X, y = make_data(2048, 256, 10, "cross_entropy", seed=5, labels=True)
+
+    def train(out, i):
+        net = fb.MLP([256, 256, 10], activation="tanh", loss="cross_entropy", dtype="float64", seed=i)
+        net.fit(X, y, epochs=10, batch_size=256, lr=0.1, seed=i, progress=False)
+        out[i] = _params(net)
+
+    sequential, threaded = {}, {}
+    for i in range(2):
+        train(sequential, i)
+    threads = [threading.Thread(target=train, args=(threaded, i)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        np.testing.assert_allclose(threaded[i], sequential[i], rtol=1e-9, atol=1e-12)
