@@ -282,7 +282,7 @@ class MLP:
         epochs = check.positive_int("epochs", epochs)
         batch_size = check.positive_int("batch_size", batch_size, allow_none=True)
         lr = check.positive_float("lr", lr)
-        if lr > np.finfo(self.dtype).max:
+        if lr > float(np.finfo(self.dtype).max):
             raise ValueError(f"lr does not fit the model's dtype. Received: lr={lr!r}. "
                              f"Expected at most {float(np.finfo(self.dtype).max):.3g} ({self.dtype.name})")
         if not isinstance(shuffle, (bool, np.bool_)):
