@@ -55,7 +55,7 @@ def _kernels_package():
     module = importlib.util.module_from_spec(spec)
     sys.modules["fastbp.kernels"] = module
     spec.loader.exec_module(module)
-    setattr(sys.modules[__package__], "kernels", module)  # what a normal submodule import does
+    sys.modules[__package__].kernels = module  # what a normal submodule import does
     return module
 
 
