@@ -18,6 +18,11 @@ Conventions (all backends):
 * Loss names: ``mse, log_loss, cross_entropy``. Targets ``Y`` reach the kernels
   as float arrays of shape ``(n_samples, n_outputs)`` (labels already one-hot).
 
+Parameters change in one place per backend: :meth:`Backend.update` applies an
+:class:`UpdateRule` (SGD with momentum/Nesterov/weight decay, Adam, AdamW: torch.optim's
+formulas) to the flat buffers, with the rule's state in an :class:`OptimizerState`; the
+compiled and captured fast paths call it, or a fused form of the same formulas.
+
 Optional fast paths are advertised by capability flags, never by backend
 name: ``has_compiled_loop`` (``loop_gradients``) and ``has_compiled_epoch``
 (``supports_epoch`` / ``train_epoch``). A new backend works with the basic
@@ -35,6 +40,78 @@ ELEMENTWISE_ACTIVATIONS = ("sigmoid", "relu", "tanh", "identity", "leaky_relu")
 ACTIVATIONS = ELEMENTWISE_ACTIVATIONS + ("softmax",)
 LOSSES = ("mse", "log_loss", "cross_entropy")
 LEAKY_SLOPE = 0.01  # negative-side slope of leaky_relu, as in PyTorch's default
+
+# The one numbering of activations, losses and update rules that every compiled backend uses
+# (the Numba kernels import these; the CUDA sources get them as #defines from kernels/cupy.py).
+ACT_CODE = {"sigmoid": 0, "relu": 1, "tanh": 2, "identity": 3, "leaky_relu": 4, "softmax": 5}
+LOSS_CODE = {"mse": 0, "log_loss": 1, "cross_entropy": 2}
+UPDATE_RULES = ("sgd", "adam", "adamw")
+RULE_CODE = {"sgd": 0, "adam": 1, "adamw": 2}
+# Layout of UpdateRule.hyper(), the float64 vector compiled kernels read the rule from.
+HP_KIND, HP_LR, HP_MOMENTUM, HP_NESTEROV, HP_WEIGHT_DECAY, HP_BETA1, HP_BETA2, HP_EPS, HP_L2 = range(9)
+N_HYPER = 9
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """One parameter update, as data: what ``Backend.update`` applies to the flat buffers.
+
+    torch.optim's formulas, every weight and bias in one group, with ``g`` the mean gradient
+    of the batch and ``t`` the step count after this step (1 on the first step):
+
+    * ``sgd``:   ``g += weight_decay p``; with momentum ``m = momentum m + g`` (``m = g`` on
+      the first step) and ``g = g + momentum m`` (nesterov) or ``g = m``; ``p -= lr g``.
+    * ``adam``:  ``g += weight_decay p``; ``m = b1 m + (1-b1) g``; ``v = b2 v + (1-b2) g^2``;
+      ``p -= lr / (1-b1^t) * m / (sqrt(v) / sqrt(1-b2^t) + eps)``.
+    * ``adamw``: ``p *= 1 - lr weight_decay`` (decoupled), then adam's step without it.
+
+    ``l2`` is scikit-learn's ``alpha``: ``g += l2 / rows * W`` on weights only (biases
+    untouched), ``rows`` being the batch's example count, as scikit-learn's MLP does.
+    """
+
+    kind: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    l2: float = 0.0
+
+    @property
+    def n_buffers(self) -> int:
+        """State buffers the rule needs: momentum (1), Adam's two moments (2), none for plain SGD."""
+        if self.kind == "sgd":
+            return 1 if self.momentum != 0.0 else 0
+        return 2
+
+    @property
+    def is_plain_sgd(self) -> bool:
+        """``p -= lr g`` and nothing else: the case fast paths may fuse most aggressively."""
+        return self.kind == "sgd" and self.momentum == 0.0 and self.weight_decay == 0.0 and self.l2 == 0.0
+
+    def hyper(self) -> np.ndarray:
+        """The rule as a float64 vector (``HP_*`` positions) for compiled kernels."""
+        hp = np.zeros(N_HYPER)
+        hp[[HP_KIND, HP_LR, HP_MOMENTUM, HP_NESTEROV, HP_WEIGHT_DECAY, HP_BETA1, HP_BETA2, HP_EPS, HP_L2]] = (
+            RULE_CODE[self.kind], self.lr, self.momentum, float(self.nesterov), self.weight_decay,
+            self.beta1, self.beta2, self.eps, self.l2)
+        return hp
+
+
+class OptimizerState:
+    """A rule's state: ``buffers`` of shape ``(n_buffers, n_params)`` on the backend (momentum,
+    or Adam's first and second moments, laid out like the flat parameters) and ``step``, a host
+    int64 array of one element counting the updates applied (compiled kernels advance it)."""
+
+    def __init__(self, buffers, step: int = 0) -> None:
+        self.buffers = buffers
+        self.step = np.array([step], dtype=np.int64)
+
+    @property
+    def steps(self) -> int:
+        return int(self.step[0])
 
 
 @dataclass(frozen=True)
@@ -168,9 +245,24 @@ class Backend:
         """The summed cost alone (no delta), from logits where possible."""
         raise NotImplementedError
 
-    def sgd_update(self, params, grads, lr):
-        """``params -= lr * grads`` over the flat buffers."""
+    def update(self, spec: NetSpec, rule: UpdateRule, params, grads, state: OptimizerState, rows: int):
+        """Apply ``rule`` once: ``params`` and ``state`` updated in place from the mean gradients
+        ``grads`` of a batch of ``rows`` examples; ``state.step`` advances by one.
+
+        The one place a backend writes the update formulas (see :class:`UpdateRule`); its fast
+        paths call this or a fused form of the same arithmetic.
+        """
         raise NotImplementedError
+
+    def count_correct(self, loss, a, y) -> int:
+        """Rows of the output activations ``a`` that classify like the targets ``y``: the argmax
+        for cross_entropy, every output on the same side of 0.5 for log_loss (0 for mse)."""
+        xp = self.xp
+        if loss == "cross_entropy":
+            return int((xp.argmax(a, axis=1) == xp.argmax(y, axis=1)).sum())
+        if loss == "log_loss":
+            return int(xp.all((a > 0.5) == (y > 0.5), axis=1).sum())
+        return 0
 
     # ------------------------------------------------------------ composed (overridable)
     def hidden_delta(self, name, delta_next, w_next, z, a, out):
@@ -188,14 +280,18 @@ class Backend:
         returns the summed cost. Only when ``has_compiled_loop``."""
         raise NotImplementedError
 
-    def supports_epoch(self, spec: NetSpec, batch_size: int, strategy: str) -> bool:
+    def supports_epoch(self, spec: NetSpec, batch_size: int, strategy: str, rule: UpdateRule) -> bool:
+        """Whether :meth:`train_epoch` runs this combination (and is faster than the composed path)."""
         return False
 
-    def train_epoch(self, spec: NetSpec, params, grads, X, Y, batch_size, lr, strategy):
-        """A whole epoch of mini-batch SGD over ``X, Y`` (already shuffled), in order.
+    def train_epoch(self, spec: NetSpec, params, grads, X, Y, batch_size, rule: UpdateRule,
+                    state: OptimizerState, strategy):
+        """A whole epoch of mini-batch training over ``X, Y`` (already shuffled), in order,
+        each batch's gradient applied by ``rule`` exactly as :meth:`update` would.
 
-        Returns ``(loss_sum, n_done)``: the summed pre-update cost of the batches
-        run and how many examples they covered. Stops early (``n_done < n``) at
+        Returns ``(loss_sum, n_done, n_correct)``: the summed pre-update cost of the batches
+        run, how many examples they covered, and how many of them the pre-update outputs
+        classified right (:meth:`count_correct`; 0 for mse). Stops early (``n_done < n``) at
         the first batch whose cost is not finite, without applying its update.
         """
         raise NotImplementedError
