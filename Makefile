@@ -15,7 +15,7 @@ $(VENV)/.created:
 	touch $@
 
 $(VENV)/.test: $(VENV)/.created pyproject.toml
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet -e '.[test,mpi]'
 	touch $@
 
 $(VENV)/.bench: $(VENV)/.created pyproject.toml
