@@ -2,7 +2,7 @@
 
 Run with ``make bench-full`` (``pytest benchmarks --benchmark-only --benchmark-autosave``);
 compare saved runs with ``pytest-benchmark compare`` or ``--benchmark-compare``.
-Every saved run carries the machine description of ``fastbp.machine`` (CPU, BLAS
+Every saved run carries the machine description of ``fastbp.bench.machine`` (CPU, BLAS
 and its threads, GPU, versions, load) beside pytest-benchmark's own.
 """
 
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import fastbp as fb
-from fastbp import bench, machine
+from fastbp import bench
+from fastbp.bench import machine
 
 STATUS = bench.backend_status()
 BACKENDS = [name for name, why_not in STATUS.items() if why_not is None]

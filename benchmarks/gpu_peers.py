@@ -117,7 +117,7 @@ def set_torch_tf32(torch, on: bool) -> None:
 def machine(be, torch) -> dict:
     record = {"python": platform.python_version(), "platform": platform.platform(), "fastbp_cupy": be.info()}
     try:
-        import fastbp.machine as fm
+        import fastbp.bench.machine as fm
 
         record["machine"] = fm.describe()
     except Exception as exc:  # noqa: BLE001

@@ -51,7 +51,7 @@ except ImportError:  # a source checkout that is not installed
     sys.path.insert(0, str(ROOT))
     import fastbp as fb
 
-from fastbp import peers  # noqa: E402
+from fastbp.bench import peers  # noqa: E402
 
 PAUSE_S = 0.3  # between runs of different libraries: OpenBLAS/OpenMP workers spin ~0.1 s when idle
 OTHERS_MAX = 0.15  # CPU cores' worth of other processes' work during a repeat above which it is redone

@@ -21,7 +21,9 @@ from typing import Any
 
 import fastbp as fb
 
-from . import bench, bench_report, machine
+from . import bench
+from .bench import machine
+from .bench import report as bench_report
 from .kernels.base import ELEMENTWISE_ACTIVATIONS, LOSSES
 
 
@@ -274,7 +276,7 @@ def info_record() -> dict[str, Any]:
 def _cmd_info(args, parser) -> int:
     rec = info_record()
     if args.json:
-        print(json.dumps(bench._jsonable(rec), indent=1))
+        print(json.dumps(bench.jsonable(rec), indent=1))
         return 0
     m = rec["machine"]
     v = m["versions"]
@@ -292,7 +294,7 @@ def _cmd_info(args, parser) -> int:
         out.append(f"  {name:6s} usable" + (" (GPU)" if entry.get("is_gpu") else ""))
         for key, val in (entry.get("info") or {}).items():
             if key not in ("name", "blas"):  # BLAS is listed once, below
-                shown = val if isinstance(val, str) else json.dumps(bench._jsonable(val))
+                shown = val if isinstance(val, str) else json.dumps(bench.jsonable(val))
                 out.append(f"         {key}: {shown}")
     nb = rec["numba"]
     cpus = m["cpus"]

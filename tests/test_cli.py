@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 import fastbp as fb
-from fastbp import bench, bench_report
+from fastbp import bench
+from fastbp.bench import report as bench_report
 
 TINY = ["bench", "--quick", "--backends", "numpy", "--sizes", "8,4,2", "--batch-sizes", "1,8",
         "--repeat", "2", "--min-time", "0.01", "--no-progress"]

@@ -25,7 +25,7 @@ How the timing stays honest:
   with the machine's own measured matmul rate (one large GEMM per dtype,
   measured at the start and at the end of the run; the best is kept).
 
-:func:`run` returns a JSON-ready dict; :mod:`fastbp.bench_report` prints it,
+:func:`run` returns a JSON-ready dict; :mod:`fastbp.bench.report` prints it,
 writes it and plots it.
 """
 
@@ -51,7 +51,7 @@ import numpy as np
 import fastbp as fb
 
 from . import machine
-from ._validate import FLOAT_DTYPES
+from .._validate import FLOAT_DTYPES
 
 SCHEMA = "fastbp-bench/1"
 PEERS = ("torch", "sklearn")
@@ -387,13 +387,13 @@ _PEER_FUNCTIONS = {"torch": "torch_sgd_throughput", "sklearn": "sklearn_mlp_fit"
 
 def _peer_module():
     try:
-        return importlib.import_module("fastbp.peers"), None
+        return importlib.import_module("fastbp.bench.peers"), None
     except ModuleNotFoundError as exc:
-        if exc.name == "fastbp.peers":
-            return None, "fastbp.peers is not part of this fastbp install"
-        return None, f"fastbp.peers needs a module that is missing: {exc}"
+        if exc.name == "fastbp.bench.peers":
+            return None, "fastbp.bench.peers is not part of this fastbp install"
+        return None, f"fastbp.bench.peers needs a module that is missing: {exc}"
     except Exception as exc:
-        return None, f"fastbp.peers failed to import: {type(exc).__name__}: {exc}"
+        return None, f"fastbp.bench.peers failed to import: {type(exc).__name__}: {exc}"
 
 
 def _call_with_known_kwargs(fn, **kwargs):
@@ -427,8 +427,8 @@ def _bench_peer(peer: str, cfg: BenchConfig, data: _Data, progress) -> dict[str,
     if fn is None:
         for _ in batches:
             progress.done()
-        return {"status": "unavailable", "reason": why_not or f"fastbp.peers has no {fn_name}()"}
-    rec: dict[str, Any] = {"status": "ok", "function": f"fastbp.peers.{fn_name}", "training": [],
+        return {"status": "unavailable", "reason": why_not or f"fastbp.bench.peers has no {fn_name}()"}
+    rec: dict[str, Any] = {"status": "ok", "function": f"fastbp.bench.peers.{fn_name}", "training": [],
                            "blas": None}
 
     def call(n: int, batch: int, epochs: int):
@@ -702,6 +702,3 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 __all__ = ["BenchConfig", "DEFAULT", "QUICK", "FULL", "PEERS", "DTYPES", "SCHEMA", "run", "summarize",
            "flops_per_example", "measure_matmul_peak", "time_calls", "backend_status"]
 
-
-if __name__ == "__main__":  # a worker: python -m fastbp.bench KIND NAME CONFIG.json RESULT.json
-    sys.exit(_worker_main(sys.argv[1:]))

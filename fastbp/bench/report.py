@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from . import machine
-from .bench import _jsonable, _si
+from .runner import _jsonable, _si
 
 LARGE_BATCH = 256  # from here on a training step is GEMM-bound enough for a FLOP rate to mean something
 
