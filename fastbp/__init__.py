@@ -7,7 +7,7 @@ The backend (numpy, numba or cupy) comes from ``FASTBP_BACKEND`` (default
 ``auto``); importing fastbp imports neither numba nor cupy.
 """
 
-from . import ops
+from . import ops, optim
 from .backend import (
     BACKEND_NAMES,
     available_backends,
@@ -19,12 +19,13 @@ from .backend import (
 )
 from .errors import BackendUnavailableError, TrainingDivergedError
 from .gradcheck import gradcheck
-from .model import MLP, History, LogisticRegression
+from .network import MLP, LogisticRegression
+from .training import Callback, EarlyStopping, History
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKEND_NAMES", "BackendUnavailableError", "History", "LogisticRegression", "MLP",
+    "BACKEND_NAMES", "BackendUnavailableError", "Callback", "EarlyStopping", "History", "LogisticRegression", "MLP",
     "TrainingDivergedError", "available_backends", "backend_status", "get_backend", "gradcheck",
-    "ops", "set_backend", "to_numpy", "use_backend", "__version__",
+    "ops", "optim", "set_backend", "to_numpy", "use_backend", "__version__",
 ]

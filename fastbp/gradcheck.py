@@ -35,7 +35,7 @@ def gradcheck(net, X, Y, eps: float = 1e-5, floor: float = 1e-3, max_params: int
     -------
     float, the worst error over the checked parameters.
     """
-    from .model import MLP
+    from .network import MLP
 
     if not isinstance(net, MLP):
         raise TypeError(f"net must be a fastbp MLP. Received: {type(net).__name__}")
@@ -83,7 +83,7 @@ def _array_bounds(spec):
 def _float64_copy(net):
     """``net``'s architecture and parameters in float64, on ``net``'s backend."""
     from .backend import use_backend
-    from .model import MLP
+    from .network import MLP
 
     with use_backend(net.backend.name):
         ref = MLP(net.sizes, activation=net.activation, loss=net.loss_name, output=net.output, dtype="float64")

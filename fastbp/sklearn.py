@@ -35,7 +35,8 @@ from sklearn.utils.validation import check_is_fitted, check_random_state
 
 from . import _validate as check
 from .kernels.base import ELEMENTWISE_ACTIVATIONS
-from .model import MLP, STRATEGIES
+from .network import MLP
+from .training import STRATEGIES
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 

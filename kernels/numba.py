@@ -65,7 +65,7 @@ import numpy as np
 
 from fastbp.errors import BackendUnavailableError
 
-from .base import Backend, NetSpec
+from .base import ACT_CODE, LOSS_CODE, Backend, NetSpec, OptimizerState, UpdateRule
 
 try:  # only this backend's modules import numba
     import numba
@@ -271,12 +271,23 @@ class NumbaBackend(Backend):
             return self._ref.loss_sum(loss, output, z, a, y)
         return float(self._k.loss_sum(*codes, _rows(z), _rows(a), _rows(y)))
 
-    def sgd_update(self, params, grads, lr):
-        if not (_c(params, grads) and params.ndim == 1 and params.shape == grads.shape
-                and _same_dtype(params, grads)):
-            self._ref.sgd_update(params, grads, lr)
-            return
-        self._k.sgd_update(params, grads, params.dtype.type(lr))
+    def update(self, spec, rule, params, grads, state, rows):
+        """The rule's step over the flat buffers in one compiled pass (``apply_update``)."""
+        self._check_update(spec, rule, params, grads, state)
+        self._k.apply_update(rule.hyper(), state.step, self._spec(spec)[0], params, grads, state.buffers, rows)
+
+    def _check_update(self, spec, rule, params, grads, state) -> None:
+        """Compiled updates index raw memory: mismatched buffers are refused, never written past."""
+        buffers = state.buffers
+        ok = (_c(params, grads, buffers) and _same_dtype(params, grads, buffers)
+              and params.shape == grads.shape == (spec.n_params,) and buffers.ndim == 2
+              and buffers.shape[1] == spec.n_params and buffers.shape[0] >= rule.n_buffers
+              and isinstance(state.step, np.ndarray) and state.step.dtype == np.int64 and state.step.shape == (1,))
+        if not ok:
+            raise ValueError(f"update got buffers that do not match {spec} and {rule}. Received: params "
+                             f"{params.shape} {params.dtype}, grads {grads.shape} {grads.dtype}, state "
+                             f"{buffers.shape} {buffers.dtype}. Expected C-contiguous {spec.dtype} arrays of "
+                             f"({spec.n_params},) and state ({rule.n_buffers}, {spec.n_params})")
 
     # ------------------------------------------------------------ compiled fast paths
     def _spec(self, spec: NetSpec):
@@ -327,9 +338,10 @@ class NumbaBackend(Backend):
         self._check_fast_path(spec, params, grads, X, Y)
         sizes, hidden, output, loss = self._spec(spec)
         work = self._workspace(spec, 0, params.dtype)
-        return float(self._k.loop_batch(sizes, hidden, output, loss, params, X, Y, grads, work, 0, X.shape[0]))
+        total, _ = self._k.loop_batch(sizes, hidden, output, loss, params, X, Y, grads, work, 0, X.shape[0])
+        return float(total)
 
-    def supports_epoch(self, spec: NetSpec, batch_size: int, strategy: str) -> bool:
+    def supports_epoch(self, spec: NetSpec, batch_size: int, strategy: str, rule=None) -> bool:
         """True where one compiled call per epoch beats the per-batch path (measured by size)."""
         if batch_size is None:
             return False
@@ -337,24 +349,27 @@ class NumbaBackend(Backend):
             return True
         return batch_size * spec.n_params <= self.EPOCH_MAX_WORK
 
-    def train_epoch(self, spec: NetSpec, params, grads, X, Y, batch_size, lr, strategy):
-        """One epoch of SGD over ``X, Y`` (already shuffled) in one compiled call.
+    def train_epoch(self, spec: NetSpec, params, grads, X, Y, batch_size, rule, state, strategy):
+        """One epoch over ``X, Y`` (already shuffled) in one compiled call, each batch's
+        gradient applied by ``rule`` (fused into the per-example pass at batch size 1).
 
-        Returns ``(loss_sum, n_done)``; stops before the update of the first batch whose cost
-        is not finite, so ``n_done < n`` says where.
+        Returns ``(loss_sum, n_done, n_correct)``; stops before the update of the first batch
+        whose cost is not finite, so ``n_done < n`` says where.
         """
         self._check_fast_path(spec, params, grads, X, Y)
+        self._check_update(spec, rule, params, grads, state)
         sizes, hidden, output, loss = self._spec(spec)
         n = X.shape[0]
         batch_size = max(1, min(int(batch_size), n))
-        lr = params.dtype.type(lr)
+        hp, step, buffers = rule.hyper(), state.step, state.buffers
         K = self._k
         if batch_size == 1:
             work = self._workspace(spec, 0, params.dtype)
-            total, done = K.sgd_examples(sizes, hidden, output, loss, params, X, Y, lr, work)
+            total, done, correct = K.examples_epoch(sizes, hidden, output, loss, params, X, Y, hp, step, buffers, work)
         elif strategy == "loop":
             work = self._workspace(spec, 0, params.dtype)
-            total, done = K.loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size, lr, work)
+            total, done, correct = K.loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size,
+                                                hp, step, buffers, work)
         else:
             work = self._workspace(spec, batch_size, params.dtype)
             if batch_size <= self.HAND_MAX_ROWS:  # a few rows: every product a hand loop
@@ -367,12 +382,12 @@ class NumbaBackend(Backend):
             if single:
                 self._blas.set_num_threads(1)
             try:
-                total, done = K.batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size, lr,
-                                            work, plan)
+                total, done, correct = K.batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size,
+                                                     hp, step, buffers, work, plan)
             finally:
                 if single:
                     self._blas.set_num_threads(threads)
-        return float(total), int(done)
+        return float(total), int(done), int(correct)
 
     # ------------------------------------------------------------ JIT
     def warmup(self, dtype="float32") -> float:
@@ -389,8 +404,11 @@ class NumbaBackend(Backend):
             params = (rng.standard_normal(spec.n_params) * 0.1).astype(dt)
             grads = np.empty_like(params)
             self.loop_gradients(spec, params, X, Y, grads)
-            for bs, strategy in ((1, "vectorized"), (2, "loop"), (2, "vectorized")):
-                self.train_epoch(spec, params, grads, X, Y, bs, 0.01, strategy)
+            for rule in (UpdateRule("sgd", lr=0.01), UpdateRule("adam", lr=0.01)):
+                state = OptimizerState(np.zeros((rule.n_buffers, spec.n_params), dt))
+                for bs, strategy in ((1, "vectorized"), (2, "loop"), (2, "vectorized")):
+                    self.train_epoch(spec, params, grads, X, Y, bs, rule, state, strategy)
+                self.update(spec, rule, params, grads, state, n)
         small = np.ones((2, 3), dt)
         W = rng.standard_normal((3, 3)).astype(dt)
         for name in ("relu", "softmax"):
@@ -404,8 +422,6 @@ class NumbaBackend(Backend):
         self.hadamard(small, small, np.empty_like(small))
         self.outer(W[0], W[1], np.empty_like(W))
         self.matmul(small, W, np.empty_like(small))
-        flat = np.zeros(3, dt)
-        self.sgd_update(flat, flat.copy(), 0.1)
         self.all_finite(small)
         self.take_rows(small, np.array([1, 0]), np.empty_like(small))
         return time.perf_counter() - t0
@@ -428,14 +444,14 @@ def _rows(a: np.ndarray) -> np.ndarray:
 
 
 def _act_code(name) -> int:
-    code = _K.ACT_CODE.get(name)
+    code = ACT_CODE.get(name)
     if code is None:
         raise ValueError(f"unknown activation {name!r}")
     return code
 
 
 def _loss_code(name) -> int:
-    code = _K.LOSS_CODE.get(name)
+    code = LOSS_CODE.get(name)
     if code is None:
         raise ValueError(f"unknown loss {name!r}")
     return code

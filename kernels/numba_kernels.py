@@ -27,13 +27,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .base import LEAKY_SLOPE
+from .base import (ACT_CODE, HP_BETA1, HP_BETA2, HP_EPS, HP_KIND, HP_L2, HP_LR, HP_MOMENTUM, HP_NESTEROV,
+                   HP_WEIGHT_DECAY, LEAKY_SLOPE, LOSS_CODE, RULE_CODE)
 
-SIGMOID, RELU, TANH, IDENTITY, LEAKY_RELU, SOFTMAX = 0, 1, 2, 3, 4, 5
-ACT_CODE = {"sigmoid": SIGMOID, "relu": RELU, "tanh": TANH, "identity": IDENTITY,
-            "leaky_relu": LEAKY_RELU, "softmax": SOFTMAX}
-MSE, LOG_LOSS, CROSS_ENTROPY = 0, 1, 2
-LOSS_CODE = {"mse": MSE, "log_loss": LOG_LOSS, "cross_entropy": CROSS_ENTROPY}
+# The numbering is kernels/base.py's (shared with the CUDA sources); bound to names here
+# because compiled code reads module-level integers as constants.
+SIGMOID, RELU, TANH, IDENTITY, LEAKY_RELU, SOFTMAX = (ACT_CODE[k] for k in
+                                                     ("sigmoid", "relu", "tanh", "identity", "leaky_relu", "softmax"))
+MSE, LOG_LOSS, CROSS_ENTROPY = (LOSS_CODE[k] for k in ("mse", "log_loss", "cross_entropy"))
+SGD, ADAM, ADAMW = (RULE_CODE[k] for k in ("sgd", "adam", "adamw"))
 
 # Offsets into flat arrays are unsigned: Numba wraps negative signed indices (idx < 0 ->
 # idx + len), and that select in an inner loop stops LLVM from vectorizing it (a 784x128
@@ -353,11 +355,77 @@ def outer(x, y, out, alpha, accumulate):
                 of[base + j] = xi * y[j] * alpha
 
 
+# ============================================================ the update rule (kernels/base.py UpdateRule)
+# One elementwise step (``_rule_step``) serves the flat update after a batch and the fused
+# per-example update, where each weight's gradient d_r x_k is formed and applied at once.
+
+
 @njit(cache=True)
-def sgd_update(params, grads, lr):
-    """``params -= lr * grads`` over the flat buffers (same rounding as ``grads * lr``)."""
-    for i in range(params.size):
-        params[i] -= grads[i] * lr
+def rule_scalars(hp, t, one):
+    """The rule's per-step scalars in the model dtype (``one`` is its 1.0), for step ``t`` (1-based)."""
+    T = type(one)
+    kind = int(hp[HP_KIND])
+    lr, wd = hp[HP_LR], hp[HP_WEIGHT_DECAY]
+    b1, b2 = hp[HP_BETA1], hp[HP_BETA2]
+    step_size, inv_bc2 = lr, 1.0
+    if kind != SGD:
+        step_size = lr / (1.0 - b1 ** t)
+        inv_bc2 = 1.0 / np.sqrt(1.0 - b2 ** t)
+    grad_decay = 0.0 if kind == ADAMW else wd  # AdamW decays the weights instead
+    shrink = 1.0 - lr * wd if kind == ADAMW else 1.0
+    return (kind, T(lr), T(hp[HP_MOMENTUM]), hp[HP_NESTEROV] != 0.0, T(grad_decay), T(shrink), T(b1), T(1.0 - b1),
+            T(b2), T(1.0 - b2), T(hp[HP_EPS]), T(step_size), T(inv_bc2))
+
+
+@njit(cache=True, inline="always")
+def _rule_step(c, p, g, m, v, l2):
+    """One parameter's step: returns the new ``(p, m, v)`` from its gradient ``g`` (same
+    operation order as kernels/numpy.py's update, so the two round alike)."""
+    kind, lr, mom, nesterov, decay, shrink, b1, ob1, b2, ob2, eps, step_size, inv_bc2 = c
+    if decay != 0:
+        g = g + p * decay
+    if l2 != 0:
+        g = g + p * l2
+    if kind == SGD:
+        if mom != 0:
+            m = m * mom + g
+            g = g + m * mom if nesterov else m
+        return p - g * lr, m, v
+    if kind == ADAMW:
+        p = p * shrink
+    m = m * b1 + g * ob1
+    v = v * b2 + (g * g) * ob2
+    return p - (m / (np.sqrt(v) * inv_bc2 + eps)) * step_size, m, v
+
+
+@njit(cache=True)
+def _update_range(c, P, G, S, lo, hi, l2):
+    kind, mom = c[0], c[2]
+    zero = type(l2)(0.0)
+    if kind == SGD and mom == 0:  # no state to read or write
+        for i in range(lo, hi):
+            P[i], _, _ = _rule_step(c, P[i], G[i], zero, zero, l2)
+    elif kind == SGD:
+        M = S[0]
+        for i in range(lo, hi):
+            P[i], M[i], _ = _rule_step(c, P[i], G[i], M[i], zero, l2)
+    else:
+        M, V = S[0], S[1]
+        for i in range(lo, hi):
+            P[i], M[i], V[i] = _rule_step(c, P[i], G[i], M[i], V[i], l2)
+
+
+@njit(cache=True)
+def apply_update(hp, step, sizes, params, grads, state, rows):
+    """One optimizer step over the flat buffers, layer by layer (``l2`` reaches weights only);
+    advances ``step[0]``."""
+    step[0] += 1
+    c = rule_scalars(hp, step[0], type(params[0])(1.0))
+    l2 = type(params[0])(hp[HP_L2] / rows)
+    w_off, b_off, _ = layer_offsets(sizes)
+    for l in range(sizes.size - 1):
+        _update_range(c, params, grads, state, w_off[l], b_off[l], l2)
+        _update_range(c, params, grads, state, b_off[l], b_off[l] + sizes[l + 1], type(l2)(0.0))
 
 
 @njit(cache=True, fastmath={"reassoc"})
@@ -460,6 +528,35 @@ def rank1_update(P, wo, bo, n_out, n_in, d, do, x, xo, alpha):
             P[bo + r] += step
 
 
+@njit(cache=True, fastmath=_DOT_MATH)
+def rank1_step(c, P, S, wo, bo, n_out, n_in, d, do, x, xo, l2):
+    """The optimizer step of one example's layer, fused: each weight's gradient ``d_r x_k``
+    (and each bias's ``d_r``) goes through ``_rule_step`` where it is formed, replacing the
+    outer product into a gradient buffer followed by ``apply_update``."""
+    wo, bo, do, xo, n_out, n_in = _U(wo), _U(bo), _U(do), _U(xo), _U(n_out), _U(n_in)
+    zero = type(l2)(0.0)
+    kind, mom = c[0], c[2]
+    for r in range(n_out):
+        dr = d[do + r]
+        base = wo + r * n_in
+        if kind == SGD and mom == 0:  # no state
+            for k in range(n_in):
+                P[base + k], _, _ = _rule_step(c, P[base + k], dr * x[xo + k], zero, zero, l2)
+            P[bo + r], _, _ = _rule_step(c, P[bo + r], dr, zero, zero, zero)
+        elif kind == SGD:  # momentum: one buffer
+            M = S[0]
+            for k in range(n_in):
+                i = base + k
+                P[i], M[i], _ = _rule_step(c, P[i], dr * x[xo + k], M[i], zero, l2)
+            P[bo + r], M[bo + r], _ = _rule_step(c, P[bo + r], dr, M[bo + r], zero, zero)
+        else:
+            M, V = S[0], S[1]
+            for k in range(n_in):
+                i = base + k
+                P[i], M[i], V[i] = _rule_step(c, P[i], dr * x[xo + k], M[i], V[i], l2)
+            P[bo + r], M[bo + r], V[bo + r] = _rule_step(c, P[bo + r], dr, M[bo + r], V[bo + r], zero)
+
+
 # ============================================================ the compiled per-example loop
 # A per-example workspace holds z, a and delta of every layer back to back, each laid out
 # like the units (``u_off``): 3 * sum(sizes) entries; a[0:n_in] is the example itself.
@@ -487,7 +584,8 @@ def _example_backward(sizes, hidden, P, w_off, u_off, zs, acts, ds, l):
 def loop_batch(sizes, hidden, output, loss, params, X, Y, grads, work, start, stop):
     """The textbook per-example loop over rows ``start:stop``: per example a vector forward,
     the output delta, the backward pass and ``dW += delta a^T``, ``db += delta``; then the
-    sums are divided by the number of examples. Returns the summed cost (float64)."""
+    sums are divided by the number of examples. Returns the summed cost (float64) and how many
+    examples the outputs classified right."""
     n_layers = sizes.size - 1
     w_off, b_off, u_off = layer_offsets(sizes)
     units = u_off[n_layers + 1]
@@ -495,10 +593,12 @@ def loop_batch(sizes, hidden, output, loss, params, X, Y, grads, work, start, st
     one = type(params[0])(1.0)
     grads[:] = 0
     total = 0.0
+    correct = 0
     L = n_layers - 1
     for s in range(start, stop):
         _example_forward(sizes, hidden, params, w_off, b_off, u_off, X, s, zs, acts)
         total += output_layer(loss, output, zs, acts, ds, u_off[n_layers], Y, s, one)
+        correct += _row_correct(loss, acts, u_off[n_layers], Y, s)
         for l in range(L, -1, -1):
             rank1_update(grads, w_off[l], b_off[l], sizes[l + 1], sizes[l], ds, u_off[l + 1], acts, u_off[l], one)
             if l > 0:
@@ -507,50 +607,86 @@ def loop_batch(sizes, hidden, output, loss, params, X, Y, grads, work, start, st
     if n > 0:
         for i in range(grads.size):
             grads[i] /= n
-    return total
+    return total, correct
 
 
 @njit(cache=True)
-def sgd_examples(sizes, hidden, output, loss, params, X, Y, lr, work):
-    """A whole epoch of per-example SGD (batch size 1) in one call.
+def _row_correct(loss, a, lo, Y, row):
+    """1 when one example's outputs ``a[lo:lo+k]`` classify like ``Y[row]`` (count_correct's rule)."""
+    k = Y.shape[1]
+    if loss == CROSS_ENTROPY:
+        best_a, best_y = 0, 0
+        for j in range(1, k):
+            if a[lo + j] > a[lo + best_a]:
+                best_a = j
+            if Y[row, j] > Y[row, best_y]:
+                best_y = j
+        return 1 if best_a == best_y else 0
+    if loss == LOG_LOSS:
+        for j in range(k):
+            if (a[lo + j] > 0.5) != (Y[row, j] > 0.5):
+                return 0
+        return 1
+    return 0
+
+
+@njit(cache=True)
+def examples_epoch(sizes, hidden, output, loss, params, X, Y, hp, step, state, work):
+    """A whole epoch of per-example training (batch size 1) in one call.
 
     Per example: forward, output delta, then from the top layer down: the delta of the layer
     below (with this layer's weights before their update), then this layer's update, applied
-    where the gradient is formed. Returns ``(summed cost, examples done)``; stops before the
-    update of a non-finite cost.
+    where the gradient is formed (``rank1_update`` for plain SGD, which skips zero deltas;
+    ``rank1_step`` for any other rule). Returns ``(summed cost, examples done, correct)``;
+    stops before the update of a non-finite cost.
     """
     n_layers = sizes.size - 1
     w_off, b_off, u_off = layer_offsets(sizes)
     units = u_off[n_layers + 1]
     zs, acts, ds = work[:units], work[units:2 * units], work[2 * units:3 * units]
+    one = type(params[0])(1.0)
+    plain = int(hp[HP_KIND]) == SGD and hp[HP_MOMENTUM] == 0 and hp[HP_WEIGHT_DECAY] == 0 and hp[HP_L2] == 0
+    neg_lr = -one * type(one)(hp[HP_LR])
+    l2 = type(one)(hp[HP_L2])  # rows = 1
     total = 0.0
+    correct = 0
     L = n_layers - 1
     for s in range(X.shape[0]):
         _example_forward(sizes, hidden, params, w_off, b_off, u_off, X, s, zs, acts)
-        cost = output_layer(loss, output, zs, acts, ds, u_off[n_layers], Y, s, type(lr)(1.0))
+        cost = output_layer(loss, output, zs, acts, ds, u_off[n_layers], Y, s, one)
         if not np.isfinite(cost):
-            return total, s
+            return total, s, correct
         total += cost
+        correct += _row_correct(loss, acts, u_off[n_layers], Y, s)
+        step[0] += 1
+        c = rule_scalars(hp, step[0], one)
         for l in range(L, -1, -1):
             if l > 0:
                 _example_backward(sizes, hidden, params, w_off, u_off, zs, acts, ds, l)
-            rank1_update(params, w_off[l], b_off[l], sizes[l + 1], sizes[l], ds, u_off[l + 1], acts, u_off[l], -lr)
-    return total, X.shape[0]
+            if plain:
+                rank1_update(params, w_off[l], b_off[l], sizes[l + 1], sizes[l], ds, u_off[l + 1], acts, u_off[l],
+                             neg_lr)
+            else:
+                rank1_step(c, params, state, w_off[l], b_off[l], sizes[l + 1], sizes[l], ds, u_off[l + 1], acts,
+                           u_off[l], l2)
+    return total, X.shape[0], correct
 
 
 @njit(cache=True)
-def loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size, lr, work):
-    """A whole epoch of mini-batch SGD whose gradients come from the per-example loop."""
+def loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size, hp, step, state, work):
+    """A whole epoch of mini-batch training whose gradients come from the per-example loop."""
     n = X.shape[0]
     total = 0.0
+    correct = 0
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        cost = loop_batch(sizes, hidden, output, loss, params, X, Y, grads, work, start, stop)
+        cost, right = loop_batch(sizes, hidden, output, loss, params, X, Y, grads, work, start, stop)
         if not np.isfinite(cost):
-            return total, start
+            return total, start, correct
         total += cost
-        sgd_update(params, grads, lr)
-    return total, n
+        correct += right
+        apply_update(hp, step, sizes, params, grads, state, stop - start)
+    return total, n, correct
 
 
 # ============================================================ the compiled mini-batch epoch
@@ -669,18 +805,25 @@ def batch_gradients(sizes, hidden, output, loss, params, grads, Xb, Yb, work, pl
 
 
 @njit(cache=True)
-def batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size, lr, work, plan):
-    """A whole epoch of mini-batch SGD in the matrix form, in one call."""
+def batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size, hp, step, state, work, plan):
+    """A whole epoch of mini-batch training in the matrix form, in one call."""
     n = X.shape[0]
     w_off, b_off, u_off = layer_offsets(sizes)
     bases = _view_bases(work, sizes, u_off)
+    L = sizes.size - 2
+    k = sizes[L + 1]
     total = 0.0
+    correct = 0
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         cost = batch_gradients(sizes, hidden, output, loss, params, grads,
                                X[start:stop], Y[start:stop], work, plan, w_off, b_off, bases)
         if not np.isfinite(cost):
-            return total, start
+            return total, start, correct
         total += cost
-        sgd_update(params, grads, lr)
-    return total, n
+        if loss != MSE:
+            A = _view(work, bases, sizes, stop - start, 1, L).reshape((stop - start) * k)
+            for r in range(stop - start):
+                correct += _row_correct(loss, A, r * k, Y, start + r)
+        apply_update(hp, step, sizes, params, grads, state, stop - start)
+    return total, n, correct

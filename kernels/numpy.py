@@ -2,13 +2,16 @@
 
 Every kernel reads top to bottom as the math: an activation's forward sits beside
 its derivative, a loss's value beside its fused output delta. Scratch buffers
-(row maxima, softplus terms) are cached per shape, so steady-state training
-allocates no arrays.
+(row maxima, softplus terms) are cached per shape and thread, up to
+``SCRATCH_BYTES`` per thread, so steady-state training of ordinary size
+allocates no arrays and a process seeing many input sizes keeps a bounded amount.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+from collections import OrderedDict
 
 import numpy as np
 
@@ -19,17 +22,39 @@ class NumpyBackend(Backend):
     name = "numpy"
     xp = np
 
+    # Scratch kept per thread, in bytes: enough for the steady state of a training step of
+    # ordinary size; a buffer bigger than this is allocated for its call and never kept.
+    SCRATCH_BYTES = 32 << 20
+
     def __init__(self) -> None:
         # Per thread: ufuncs release the GIL, so models training in two threads must not share.
         self._local = threading.local()
 
     def _buf(self, tag: str, shape: tuple, dtype) -> np.ndarray:
-        scratch = self._local.__dict__.setdefault("scratch", {})
+        """A scratch array for ``tag``, reused across calls of one shape (least recently used
+        dropped past ``SCRATCH_BYTES``). Fetch it once per kernel call: a second fetch may
+        return a different array once the first has been dropped."""
+        local = self._local.__dict__
+        scratch = local.get("scratch")
+        if scratch is None:
+            scratch = local["scratch"] = OrderedDict()
+            local["bytes"] = 0
         key = (tag, shape, np.dtype(dtype).str)
         buf = scratch.get(key)
-        if buf is None:
-            buf = scratch[key] = np.empty(shape, dtype=dtype)
+        if buf is not None:
+            scratch.move_to_end(key)
+            return buf
+        buf = np.empty(shape, dtype=dtype)
+        if buf.nbytes <= self.SCRATCH_BYTES:
+            while scratch and local["bytes"] + buf.nbytes > self.SCRATCH_BYTES:
+                local["bytes"] -= scratch.popitem(last=False)[1].nbytes
+            scratch[key] = buf
+            local["bytes"] += buf.nbytes
         return buf
+
+    def scratch_bytes(self) -> int:
+        """Bytes of scratch this thread keeps between calls (at most ``SCRATCH_BYTES``)."""
+        return self._local.__dict__.get("bytes", 0)
 
     # ------------------------------------------------------------ arrays
     def asarray(self, x, dtype=None):
@@ -210,8 +235,9 @@ class NumpyBackend(Backend):
             np.max(z, axis=1, keepdims=True, out=rows)
             np.subtract(z, rows, out=tmp)
             lse = self._buf("lse", (z.shape[0], 1), z.dtype)
-            np.exp(tmp, out=self._buf("loss2", z.shape, z.dtype))
-            np.sum(self._buf("loss2", z.shape, z.dtype), axis=1, keepdims=True, out=lse)
+            exps = self._buf("loss2", z.shape, z.dtype)
+            np.exp(tmp, out=exps)
+            np.sum(exps, axis=1, keepdims=True, out=lse)
             np.log(lse, out=lse)
             np.subtract(lse, tmp, out=tmp)
             tmp *= y
@@ -239,10 +265,55 @@ class NumpyBackend(Backend):
         np.clip(a, eps, 1.0 - eps, out=out)
         return out
 
-    def sgd_update(self, params, grads, lr):
-        tmp = self._buf("sgd", grads.shape, grads.dtype)
-        np.multiply(grads, lr, out=tmp)
-        params -= tmp
+    def update(self, spec, rule, params, grads, state, rows):
+        """The optimizer step of :class:`~fastbp.kernels.base.UpdateRule`, in place, in the model
+        dtype, layer segment by segment (scikit-learn's ``l2`` reaches weights only)."""
+        t = int(state.step[0]) + 1
+        T = params.dtype.type
+        g = self._buf("upd_g", params.shape, params.dtype)
+        tmp = self._buf("upd_tmp", params.shape, params.dtype)
+        decay = rule.weight_decay if rule.kind != "adamw" else 0.0
+        np.copyto(g, grads)
+        if decay:  # torch: g = g + wd * p (every weight and bias)
+            np.multiply(params, T(decay), out=tmp)
+            g += tmp
+        if rule.l2:  # scikit-learn: g += alpha / rows * W (weights only)
+            for lo, hi in zip(spec.w_offsets, spec.b_offsets):
+                np.multiply(params[lo:hi], T(rule.l2 / rows), out=tmp[lo:hi])
+                g[lo:hi] += tmp[lo:hi]
+        if rule.kind == "sgd":
+            if rule.momentum:
+                m = state.buffers[0]
+                m *= T(rule.momentum)  # m = momentum m + g  (m = g on the first step: m starts at 0)
+                m += g
+                if rule.nesterov:
+                    np.multiply(m, T(rule.momentum), out=tmp)
+                    g += tmp
+                else:
+                    np.copyto(g, m)
+            np.multiply(g, T(rule.lr), out=tmp)
+            params -= tmp
+        else:
+            if rule.kind == "adamw" and rule.weight_decay:
+                params *= T(1.0 - rule.lr * rule.weight_decay)
+            m, v = state.buffers[0], state.buffers[1]
+            b1, b2 = rule.beta1, rule.beta2
+            m *= T(b1)  # m = b1 m + (1 - b1) g
+            np.multiply(g, T(1.0 - b1), out=tmp)
+            m += tmp
+            v *= T(b2)  # v = b2 v + (1 - b2) g^2
+            np.multiply(g, g, out=tmp)
+            tmp *= T(1.0 - b2)
+            v += tmp
+            step_size = rule.lr / (1.0 - b1 ** t)
+            inv_sqrt_bc2 = 1.0 / math.sqrt(1.0 - b2 ** t)
+            np.sqrt(v, out=tmp)  # denom = sqrt(v) / sqrt(1 - b2^t) + eps
+            tmp *= T(inv_sqrt_bc2)
+            tmp += T(rule.eps)
+            np.divide(m, tmp, out=tmp)
+            tmp *= T(step_size)
+            params -= tmp
+        state.step[0] = t
 
 
 

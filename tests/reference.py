@@ -95,3 +95,60 @@ def sgd_trajectory(weights, biases, hidden, output, loss, X, Y, batches, lr):
         for p, g in zip(weights + biases, dWs + dbs):
             p -= lr * g
     return weights, biases, costs
+
+
+class TorchOptimReference:
+    """torch.optim's update formulas, written plainly over lists of float64 arrays (one group,
+    dampening 0), with scikit-learn's weights-only ``l2 / rows`` term.
+
+    kind "sgd": g += wd p; momentum: buf = g (first step) else mu buf + g; g = g + mu buf
+    (nesterov) or buf; p -= lr g. "adam": g += wd p; m, v moving averages; bias-corrected step.
+    "adamw": p *= 1 - lr wd, then adam without wd in g.
+    """
+
+    def __init__(self, kind, lr, momentum=0.0, nesterov=False, weight_decay=0.0, betas=(0.9, 0.999),
+                 eps=1e-8, l2=0.0):
+        self.kind, self.lr, self.momentum, self.nesterov = kind, lr, momentum, nesterov
+        self.wd, (self.b1, self.b2), self.eps, self.l2 = weight_decay, betas, eps, l2
+        self.t, self.buf, self.m, self.v = 0, None, None, None
+
+    def step(self, params, grads, is_weight, rows):
+        self.t += 1
+        if self.m is None:
+            self.m = [np.zeros_like(p) for p in params]
+            self.v = [np.zeros_like(p) for p in params]
+        for i, (p, g) in enumerate(zip(params, grads)):
+            g = g.copy()
+            if self.kind != "adamw" and self.wd:
+                g = g + self.wd * p
+            if self.l2 and is_weight[i]:
+                g = g + (self.l2 / rows) * p
+            if self.kind == "sgd":
+                if self.momentum:
+                    if self.t == 1:
+                        self.m[i] = g.copy()
+                    else:
+                        self.m[i] = self.momentum * self.m[i] + g
+                    g = g + self.momentum * self.m[i] if self.nesterov else self.m[i]
+                p -= self.lr * g
+                continue
+            if self.kind == "adamw":
+                p *= 1 - self.lr * self.wd
+            self.m[i] = self.b1 * self.m[i] + (1 - self.b1) * g
+            self.v[i] = self.b2 * self.v[i] + (1 - self.b2) * g * g
+            bc1, bc2 = 1 - self.b1 ** self.t, 1 - self.b2 ** self.t
+            p -= (self.lr / bc1) * self.m[i] / (np.sqrt(self.v[i]) / np.sqrt(bc2) + self.eps)
+
+
+def optimizer_trajectory(weights, biases, hidden, output, loss, X, Y, batches, rule):
+    """Mini-batch training over the index batches with a TorchOptimReference rule."""
+    weights = [W.copy() for W in weights]
+    biases = [b.copy() for b in biases]
+    costs = []
+    params = weights + biases
+    is_weight = [True] * len(weights) + [False] * len(biases)
+    for idx in batches:
+        c, dWs, dbs = mean_gradients(weights, biases, hidden, output, loss, X[idx], Y[idx])
+        costs.append(c)
+        rule.step(params, dWs + dbs, is_weight, len(idx))
+    return weights, biases, costs

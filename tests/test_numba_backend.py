@@ -14,7 +14,8 @@ pytest.importorskip("numba")
 import fastbp as fb  # noqa: E402
 from conftest import target_rows  # noqa: E402
 from fastbp.errors import BackendUnavailableError  # noqa: E402
-from fastbp.kernels.base import ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, LOSSES, NetSpec  # noqa: E402
+from fastbp.kernels.base import (ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, LOSSES, NetSpec,  # noqa: E402
+                                 OptimizerState, UpdateRule)
 
 if "numba" not in fb.available_backends():  # e.g. scipy missing: create() says why
     pytest.skip(f"numba backend unusable: {fb.backend_status()['numba']}", allow_module_level=True)
@@ -157,12 +158,23 @@ def test_small_kernels(dtype):
             be.bias_grad(A, o, alpha=alpha, accumulate=acc)
         np.testing.assert_allclose(outs[0], outs[1], **ELEM[dtype])
 
-    for n in (7, 100003):
-        p, g = rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype)
-        outs = [p.copy(), p.copy()]
-        for be, o in zip((NB, REF), outs):
-            be.sgd_update(o, g, 0.1)
-        np.testing.assert_array_equal(outs[0], outs[1])  # same rounding: p - g * lr
+    for n_in in (2, 3000):  # every rule: the same arithmetic as the NumPy backend's update
+        uspec = NetSpec((n_in, 5, 3), "relu", "identity", "mse", np.dtype(dtype))
+        p, g = (rng.standard_normal(uspec.n_params).astype(dtype) for _ in range(2))
+        for rule in (UpdateRule("sgd", lr=0.1), UpdateRule("sgd", lr=0.1, momentum=0.9, nesterov=True,
+                                                           weight_decay=0.01, l2=0.3),
+                     UpdateRule("adam", lr=0.01, weight_decay=0.1), UpdateRule("adamw", lr=0.01, l2=0.2)):
+            runs = []
+            for be in (NB, REF):
+                o, st = p.copy(), OptimizerState(np.zeros((rule.n_buffers, uspec.n_params), dtype))
+                for _ in range(3):
+                    be.update(uspec, rule, o, g, st, 4)
+                runs.append((o, st.buffers, st.steps))
+            np.testing.assert_allclose(runs[0][0], runs[1][0], **ELEM[dtype])
+            np.testing.assert_allclose(runs[0][1], runs[1][1], **ELEM[dtype])
+            assert runs[0][2] == runs[1][2] == 3
+            if rule.is_plain_sgd:
+                np.testing.assert_array_equal(runs[0][0], runs[1][0])  # same rounding: p - g * lr
 
     assert NB.all_finite(A) and not NB.all_finite(np.array([1.0, np.inf], dtype))
     big = np.ones(10_000, dtype)
@@ -282,6 +294,13 @@ def test_fit_trajectory_float32(batch_size):
     np.testing.assert_allclose(list(hists[1]), list(hists[0]), rtol=2e-4)
 
 
+SGD01 = UpdateRule("sgd", lr=0.1)
+
+
+def _no_state(spec):
+    return OptimizerState(np.zeros((0, spec.n_params), spec.dtype))
+
+
 @pytest.mark.parametrize("batch_size,strategy", [(1, "vectorized"), (2, "vectorized"), (2, "loop")])
 def test_train_epoch_stops_before_a_non_finite_batch(batch_size, strategy):
     spec = NetSpec((3, 4, 2), "tanh", "identity", "mse", np.dtype("float64"))
@@ -291,10 +310,11 @@ def test_train_epoch_stops_before_a_non_finite_batch(batch_size, strategy):
     Y[4, 1] = np.inf  # the batch holding row 4 has an infinite cost
     params, grads = params0.copy(), np.empty_like(params0)
     with np.errstate(invalid="ignore", over="ignore"):
-        total, done = NB.train_epoch(spec, params, grads, X, Y, batch_size, 0.1, strategy)
+        total, done, _ = NB.train_epoch(spec, params, grads, X, Y, batch_size, SGD01, _no_state(spec), strategy)
     assert done == 4
     expected, expected_grads = params0.copy(), np.empty_like(params0)
-    total_ok, done_ok = NB.train_epoch(spec, expected, expected_grads, X[:4], Y[:4], batch_size, 0.1, strategy)
+    total_ok, done_ok, _ = NB.train_epoch(spec, expected, expected_grads, X[:4], Y[:4], batch_size, SGD01,
+                                          _no_state(spec), strategy)
     assert done_ok == 4 and total == pytest.approx(total_ok, rel=1e-14)
     np.testing.assert_array_equal(params, expected)  # the bad batch's update was not applied
 
@@ -309,7 +329,7 @@ def test_fast_paths_refuse_mismatched_buffers():
         with pytest.raises(ValueError, match="compiled fast path"):
             NB.loop_gradients(spec, p, x, y, g)
         with pytest.raises(ValueError, match="compiled fast path"):
-            NB.train_epoch(spec, p, g, x, y, 2, 0.1, "vectorized")
+            NB.train_epoch(spec, p, g, x, y, 2, SGD01, _no_state(spec), "vectorized")
 
 
 def test_take_rows_clips_like_numpy():
@@ -342,7 +362,7 @@ def test_small_epochs_run_blas_on_one_thread_and_restore_it():
 
     kernels, NB._k = NB._k, Spy()
     try:
-        NB.train_epoch(spec, params, grads, X, Y, 4, 0.1, "vectorized")
+        NB.train_epoch(spec, params, grads, X, Y, 4, SGD01, _no_state(spec), "vectorized")
     finally:
         NB._k = kernels
     assert seen == [1] and NB._blas.get_num_threads() == before
@@ -357,8 +377,52 @@ def test_supports_epoch_by_size():
     assert not NB.supports_epoch(large, 512, "vectorized")
 
 
+def _entry_kernels():
+    """The compiled kernels the backend calls from Python (``self._k.name`` / ``K.name`` in numba.py)."""
+    import inspect
+    import re
+
+    import fastbp.kernels.numba as module
+
+    names = set(re.findall(r"\b(?:self\._k|K)\.([a-z_]\w*)", inspect.getsource(module)))
+    return {name for name in names if hasattr(getattr(NB._k, name, None), "signatures")}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_warmup_runs_every_compiled_kernel_and_times_itself(dtype):
+    """warmup(dtype) calls each compiled entry point with ``dtype`` arrays, and its seconds are real."""
+    import time
+
+    calls = {}
+    kernels = NB._k
+
+    class Recorder:
+        def __getattr__(self, name):
+            real = getattr(kernels, name)
+            if not hasattr(real, "signatures"):
+                return real
+
+            def call(*args):
+                calls.setdefault(name, set()).update(str(a.dtype) for a in args if isinstance(a, np.ndarray))
+                return real(*args)
+
+            return call
+
+    NB._k = Recorder()
+    try:
+        t0 = time.perf_counter()
+        seconds = NB.warmup(dtype)
+        wall = time.perf_counter() - t0
+    finally:
+        NB._k = kernels
+    expected = _entry_kernels()
+    assert len(expected) >= 10  # the regex still finds the kernels numba.py calls
+    missing = sorted(name for name in expected if dtype not in calls.get(name, ()))
+    assert not missing, f"warmup({dtype!r}) never ran {missing} with {dtype} arrays"
+    assert isinstance(seconds, float) and 0.0 < seconds <= wall
+
+
 def test_warmup_info_and_unavailable(monkeypatch):
-    assert NB.warmup("float64") >= 0.0
     info = NB.info()
     assert info["name"] == "numba" and info["numba_threads"] == 1
     assert {"numba", "blas", "blas_threads", "thread_policy", "cores"} <= info.keys()

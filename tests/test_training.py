@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import fastbp as fb
+from fastbp.training import _Trainer
 from conftest import make_data
 from reference import sgd_trajectory
 
@@ -80,8 +81,9 @@ def test_shuffle_false_is_deterministic_order(backend):
     np.testing.assert_array_equal(_params(a), _params(b))
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_steady_state_steps_allocate_no_arrays(dtype):
+def test_steady_state_steps_allocate_no_arrays(dtype, optimizer):
     """After warm-up, 100 mini-batch steps on the NumPy backend allocate no new arrays.
 
     tracemalloc also sees NumPy's fixed-size iterator buffers (8192 elements, made by
@@ -93,13 +95,19 @@ def test_steady_state_steps_allocate_no_arrays(dtype):
         batch = 512
         X, y = make_data(100 * batch, 32, 128, "cross_entropy", labels=True)
         Xd, Yd = net._inputs_targets(X, y)
-        net._epoch(Xd[:2 * batch], Yd[:2 * batch], batch, 0.01, "vectorized")  # warm-up
+        opt = fb.optim.OPTIMIZERS[optimizer](lr=0.01)
+        net.optimizer = opt
+        opt._bind(net)
+        trainer = _Trainer(net, opt, Xd, Yd, None, 1, batch, False, "vectorized", False, None, None, [])
+        trainer.n = 2 * batch
+        trainer._epoch(Xd[:2 * batch], Yd[:2 * batch], opt.rule())  # warm-up
+        trainer.n = len(X)
         smallest_array = batch * 128 * np.dtype(dtype).itemsize
         tracemalloc.start()
         try:
             before, _ = tracemalloc.get_traced_memory()
             tracemalloc.reset_peak()
-            _, n_done = net._epoch(Xd, Yd, batch, 0.01, "vectorized")
+            _, n_done, _ = trainer._epoch(Xd, Yd, opt.rule())
             after, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()

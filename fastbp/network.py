@@ -1,4 +1,4 @@
-"""Multilayer perceptrons and logistic regression, trained by backpropagation.
+"""The network: multilayer perceptrons and logistic regression, and their backpropagation.
 
 The math is the textbook's, over a batch in row-major form (one row per example):
 
@@ -10,16 +10,16 @@ The math is the textbook's, over a batch in row-major form (one row per example)
 Parameters and gradients each live in one flat buffer ([W1, b1, W2, b2, ...]);
 ``weights`` and ``biases`` are views into it, so one SGD update, one copy or
 one save covers them all. Every kernel call goes through ``self.backend``.
+Training (the fit loop, optimizers, callbacks) lives in ``training.py`` and ``optim.py``;
+``MLP.fit`` is the entry point to it.
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import math
 import os
-import sys
 import tempfile
-import time
 import zipfile
 from collections import OrderedDict
 
@@ -27,16 +27,13 @@ import numpy as np
 
 from . import _validate as check
 from .backend import get_backend, to_numpy
-from .errors import TrainingDivergedError
-from .kernels.base import ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, LOSSES, NetSpec
-
-logger = logging.getLogger("fastbp")
+from .kernels.base import ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, LOSSES, NetSpec, OptimizerState
 
 DEFAULT_OUTPUT = {"mse": "identity", "log_loss": "sigmoid", "cross_entropy": "softmax"}
 INITS = ("auto", "he", "glorot", "normal")
 STRATEGIES = ("vectorized", "loop")
 DTYPES = check.FLOAT_DTYPES
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds the optimizer and its state; version 1 files still load
 _MAX_WORKSPACES = 8  # batch sizes kept warm; a fit uses at most two (full and remainder)
 
 
@@ -52,19 +49,6 @@ class _Workspace:
             # identity keeps A = Z: no copy, and its derivative is a no-op
             self.A.append(z if spec.activation(layer) == "identity" else backend.empty((n, width), dtype))
             self.D.append(backend.empty((n, width), dtype))
-
-
-class History(list):
-    """Per-epoch mean training losses (a list), with every recorded series in ``.history``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.history: dict[str, list[float]] = {"loss": []}
-
-    def _record(self, **values: float) -> None:
-        for key, value in values.items():
-            self.history.setdefault(key, []).append(value)
-        self.append(values["loss"])
 
 
 class MLP:
@@ -111,6 +95,7 @@ class MLP:
         self.weights, self.biases = _views(self.spec, self._params)
         self._grad_weights, self._grad_biases = _views(self.spec, self._grads)
         self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
+        self.optimizer = None  # fb.optim.Optimizer; the first fit makes SGD(lr=0.1) unless told otherwise
 
     # ------------------------------------------------------------ description
     sizes = property(lambda self: list(self.spec.sizes))
@@ -221,24 +206,31 @@ class MLP:
                 be.hidden_delta(spec.hidden, ws.D[l], self.weights[l], ws.Z[l - 1], ws.A[l - 1], ws.D[l - 1])
         return total
 
-    def _gradients_into(self, X, Y, strategy: str):
-        """Mean gradients of a batch into ``self._grads``; returns the batch's summed cost."""
-        n = X.shape[0]
+    def _gradients_into(self, X, Y, strategy: str, count: bool = False):
+        """Mean gradients of a batch into ``self._grads``; returns ``(summed cost, correct)``:
+        ``correct`` counts the rows the pre-update outputs classify right when ``count`` (else 0)."""
+        n, be = X.shape[0], self.backend
         if strategy == "vectorized":
             ws = self._workspace(n)
             self._forward(X, ws)
-            return self._backward(X, Y, ws, 1.0 / n)
-        if self.backend.has_compiled_loop:
-            return self.backend.loop_gradients(self.spec, self._params, X, Y, self._grads)
+            correct = be.count_correct(self.spec.loss, ws.A[-1], Y) if count else 0
+            return self._backward(X, Y, ws, 1.0 / n), correct
+        if be.has_compiled_loop:
+            correct = 0
+            if count:
+                correct = be.count_correct(self.spec.loss, self._forward(X, self._workspace(n)), Y)
+            return be.loop_gradients(self.spec, self._params, X, Y, self._grads), correct
         # The naive way: one example at a time, accumulating outer products.
         ws = self._workspace(1)
         self._grads[...] = 0
-        total = 0.0
+        total, correct = 0.0, 0
         for i in range(n):
             x, y = X[i:i + 1], Y[i:i + 1]
             self._forward(x, ws)
+            if count:
+                correct += be.count_correct(self.spec.loss, ws.A[-1], y)
             total += self._backward(x, y, ws, 1.0 / n, accumulate=True)
-        return total
+        return total, correct
 
     def gradients(self, X, Y, strategy="vectorized"):
         """Gradients of the mean cost: ``(dWs, dbs)``, shaped like ``weights`` and ``biases``.
@@ -253,118 +245,25 @@ class MLP:
         return _views(self.spec, grads)
 
     # ------------------------------------------------------------ training
-    def fit(self, X, Y, epochs=1, batch_size=32, lr=0.1, shuffle=True, strategy="vectorized",
-            progress=None, validation_data=None, seed=None) -> History:
-        """Train by gradient descent on the mean cost; returns the per-epoch History.
+    def fit(self, X, Y, epochs=1, batch_size=32, lr=None, optimizer=None, shuffle=True, strategy="vectorized",
+            progress=None, validation_data=None, validation_split=0.0, seed=None, schedule=None,
+            callbacks=None):
+        """Train by backpropagation and an optimizer on the mean cost; returns the per-epoch History.
 
-        Parameters
-        ----------
-        X : array of shape (n_samples, n_inputs)
-        Y : array of shape (n_samples, n_outputs); integer labels (n_samples,) for
-            cross_entropy; (n_samples,) for a one-output model.
-        epochs : int >= 1
-        batch_size : int >= 1 or None
-            1 = per-example SGD, b = mini-batch, None (or >= n_samples) = full batch.
-        lr : float > 0, the learning rate.
-        shuffle : bool, reshuffle the examples every epoch (seeded).
-        strategy : "vectorized" or "loop" (per-example loop inside each batch).
-        progress : bool or None, a tqdm bar; None shows it when stderr is a terminal.
-        validation_data : (X_val, Y_val) or None; adds ``val_loss`` (and
-            ``val_accuracy`` for classification losses) to ``History.history``.
-        seed : int or None, the shuffle's seed; None continues the model's stream.
-
-        The history's entries are the mean pre-update cost of each epoch's batches.
-        If the cost becomes NaN or Inf, training stops with TrainingDivergedError and the
-        parameters are those from the start of that epoch (the last ones known finite).
+        See :func:`fastbp.training.fit` for every argument.
         """
-        Xd, Yd = self._inputs_targets(X, Y)
-        n = Xd.shape[0]
-        epochs = check.positive_int("epochs", epochs)
-        batch_size = check.positive_int("batch_size", batch_size, allow_none=True)
-        lr = check.positive_float("lr", lr)
-        if lr > float(np.finfo(self.dtype).max):
-            raise ValueError(f"lr does not fit the model's dtype. Received: lr={lr!r}. "
-                             f"Expected at most {float(np.finfo(self.dtype).max):.3g} ({self.dtype.name})")
-        if not isinstance(shuffle, (bool, np.bool_)):
-            raise TypeError(f"shuffle must be a bool. Received: shuffle={shuffle!r}")
-        check.choice("strategy", strategy, STRATEGIES)
-        if progress is not None and not isinstance(progress, (bool, np.bool_)):
-            raise TypeError(f"progress must be a bool or None. Received: progress={progress!r}")
-        seed = check.seed("seed", seed)
-        val = None
-        if validation_data is not None:
-            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-                raise TypeError("validation_data must be a pair (X_val, Y_val). "
-                                f"Received: {type(validation_data).__name__}")
-            val = self._inputs_targets(*validation_data, names=("validation_data[0]", "validation_data[1]"))
+        from .training import fit
 
-        be, spec = self.backend, self.spec
-        batch = n if batch_size is None else min(batch_size, n)
-        rng = self._rng if seed is None else np.random.default_rng(seed)
-        fast = be.has_compiled_epoch and be.supports_epoch(spec, batch, strategy)
-        Xs, Ys = (be.empty(Xd.shape, self.dtype), be.empty(Yd.shape, self.dtype)) if shuffle else (Xd, Yd)
-        snapshot = be.empty(self._params.shape, self.dtype)
-        history = History()
-        show = sys.stderr.isatty() if progress is None else bool(progress)
-        logger.info("fit: backend=%s dtype=%s n=%d batch_size=%d epochs=%d strategy=%s compiled_epoch=%s",
-                    be.name, self.dtype.name, n, batch, epochs, strategy, fast)
+        return fit(self, X, Y, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                   shuffle=shuffle, strategy=strategy, progress=progress, validation_data=validation_data,
+                   validation_split=validation_split, seed=seed, schedule=schedule, callbacks=callbacks)
 
-        bar = _progress_bar(epochs, show)
-        try:
-            # overflow shows up as a non-finite loss, reported as TrainingDivergedError
-            with np.errstate(over="ignore", invalid="ignore"):
-                for epoch in range(epochs):
-                    t0 = time.perf_counter()
-                    snapshot[...] = self._params
-                    if shuffle:
-                        index = be.index_array(rng.permutation(n))
-                        be.take_rows(Xd, index, Xs)
-                        be.take_rows(Yd, index, Ys)
-                    if fast:
-                        loss_sum, n_done = be.train_epoch(spec, self._params, self._grads, Xs, Ys, batch, lr, strategy)
-                    else:
-                        loss_sum, n_done = self._epoch(Xs, Ys, batch, lr, strategy)
-                    epoch_loss = float(loss_sum) / max(n_done, 1)
-                    if n_done < n or not math.isfinite(epoch_loss) or not be.all_finite(self._params):
-                        self._params[...] = snapshot
-                        raise TrainingDivergedError(
-                            f"training diverged: the loss became NaN or Inf in epoch {epoch + 1} (lr={lr}); "
-                            f"parameters restored to those at the start of epoch {epoch + 1}. "
-                            "Try a smaller lr or standardised inputs.", history)
-                    record = {"loss": epoch_loss}
-                    if val is not None:
-                        record.update(self._evaluate(*val))
-                    history._record(**record)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{epoch_loss:.4g}", samples_s=f"{n / (time.perf_counter() - t0):.3g}")
-                        bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
-        return history
-
-    def _epoch(self, Xs, Ys, batch: int, lr: float, strategy: str):
-        """One epoch, batch by batch, composing the basic kernels."""
-        be, n = self.backend, Xs.shape[0]
-        check_each = not be.is_gpu  # reading a GPU loss back every batch would stall the stream
-        total = 0.0
-        for start in range(0, n, batch):
-            stop = min(start + batch, n)
-            batch_loss = self._gradients_into(Xs[start:stop], Ys[start:stop], strategy)
-            if check_each and not math.isfinite(batch_loss):
-                return total, start
-            be.sgd_update(self._params, self._grads, lr)
-            total = total + batch_loss
-        return total, n
-
-    def _evaluate(self, Xd, Yd) -> dict[str, float]:
-        result = {"val_loss": self._loss(Xd, Yd)}
-        out = to_numpy(self._workspace(Xd.shape[0]).A[-1])
-        y = to_numpy(Yd)
-        if self.spec.loss == "cross_entropy":
-            result["val_accuracy"] = float(np.mean(out.argmax(axis=1) == y.argmax(axis=1)))
-        elif self.spec.loss == "log_loss":
-            result["val_accuracy"] = float(np.mean(np.all((out > 0.5) == (y > 0.5), axis=1)))
+    def _evaluate(self, Xd, Yd, prefix: str = "val_") -> dict[str, float]:
+        """Mean cost (and accuracy for classification losses) of the model as it is now."""
+        result = {prefix + "loss": self._loss(Xd, Yd)}
+        if self.spec.loss != "mse":
+            a = self._workspace(Xd.shape[0]).A[-1]
+            result[prefix + "accuracy"] = int(self.backend.count_correct(self.spec.loss, a, Yd)) / Xd.shape[0]
         return result
 
     # ------------------------------------------------------------ persistence
@@ -382,7 +281,7 @@ class MLP:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, format_version=np.int64(FORMAT_VERSION), sizes=np.asarray(s.sizes, np.int64),
                          activation=np.str_(s.hidden), output=np.str_(s.output), loss=np.str_(s.loss),
-                         dtype=np.str_(s.dtype.name), params=to_numpy(self._params))
+                         dtype=np.str_(s.dtype.name), params=to_numpy(self._params), **self._optimizer_fields())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -413,7 +312,42 @@ class MLP:
             raise ValueError(f"{path!r} is corrupt: unreadable architecture fields ({exc})") from None
         if version > FORMAT_VERSION:
             raise ValueError(f"{path!r} has format version {version}; this fastbp reads up to {FORMAT_VERSION}")
-        return cls._rebuild(meta, fields["params"], origin=repr(path))
+        net = cls._rebuild(meta, fields["params"], origin=repr(path))
+        net._restore_optimizer(fields, origin=repr(path))
+        return net
+
+    def _optimizer_fields(self) -> dict:
+        """The optimizer as saved: its kind and hyper-parameters (JSON), step count and buffers."""
+        opt = self.optimizer
+        if opt is None:
+            return {}
+        st = opt.state
+        buffers = np.zeros((0, self.n_params), self.dtype) if st is None else to_numpy(st.buffers)
+        return {"optimizer": np.str_(json.dumps({"kind": opt.kind, "config": opt.get_config()})),
+                "optimizer_step": np.int64(opt.steps), "optimizer_state": buffers}
+
+    def _restore_optimizer(self, fields: dict, origin: str) -> None:
+        """The saved optimizer back, so ``fit(optimizer=None)`` continues its trajectory."""
+        if "optimizer" not in fields:  # a version-1 file, or a model never trained
+            return
+        from . import optim
+
+        try:
+            meta = json.loads(str(fields["optimizer"]))
+            opt = optim.from_config(meta["kind"], meta["config"])
+            step = int(fields["optimizer_step"])
+            buffers = np.asarray(fields["optimizer_state"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{origin} is corrupt: unreadable optimizer fields ({exc})") from None
+        if buffers.ndim != 2 or buffers.shape[1] != self.n_params or buffers.shape[0] > 2 or step < 0:
+            raise ValueError(f"{origin} is corrupt: optimizer_state has shape {buffers.shape} and step {step}, "
+                             f"expected (k <= 2, {self.n_params}) and step >= 0")
+        if buffers.dtype.kind != "f" or not np.isfinite(buffers).all():
+            raise ValueError(f"{origin} is corrupt: its optimizer state is not all finite floats")
+        if buffers.shape[0] or step:
+            opt.state = OptimizerState(self.backend.asarray(buffers, self.dtype), step)
+        opt._bind(self)
+        self.optimizer = opt
 
     @classmethod
     def _rebuild(cls, meta: dict, params: np.ndarray, origin: str) -> "MLP":
@@ -434,12 +368,13 @@ class MLP:
         s = self.spec
         return {"sizes": list(s.sizes), "activation": s.hidden, "loss": s.loss, "output": s.output,
                 "dtype": s.dtype.name, "params": to_numpy(self._params).copy(), "seed": self.seed,
-                "init": self.init, "rng": self._rng}
+                "init": self.init, "rng": self._rng, **self._optimizer_fields()}
 
     def __setstate__(self, state: dict) -> None:
         """Unpickled onto the backend active now."""
         net = type(self)._rebuild(state, state["params"], origin="pickled MLP")
         net.seed, net.init, net._rng = state["seed"], state["init"], state["rng"]
+        net._restore_optimizer(state, origin="pickled MLP")
         self.__dict__.update(net.__dict__)
 
 
@@ -506,10 +441,3 @@ def _views(spec: NetSpec, flat) -> tuple[list, list]:
         biases.append(flat[b_off:b_off + fan_out])
     return weights, biases
 
-
-def _progress_bar(epochs: int, show: bool):
-    if not show:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=epochs, unit="epoch", desc="fastbp fit", file=sys.stderr)
