@@ -247,7 +247,7 @@ class MLP:
     # ------------------------------------------------------------ training
     def fit(self, X, Y, epochs=1, batch_size=32, lr=None, optimizer=None, shuffle=True, strategy="vectorized",
             progress=None, validation_data=None, validation_split=0.0, seed=None, schedule=None,
-            callbacks=None):
+            callbacks=None, threads=None):
         """Train by backpropagation and an optimizer on the mean cost; returns the per-epoch History.
 
         See :func:`fastbp.training.fit` for every argument.
@@ -256,7 +256,8 @@ class MLP:
 
         return fit(self, X, Y, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
                    shuffle=shuffle, strategy=strategy, progress=progress, validation_data=validation_data,
-                   validation_split=validation_split, seed=seed, schedule=schedule, callbacks=callbacks)
+                   validation_split=validation_split, seed=seed, schedule=schedule, callbacks=callbacks,
+                   threads=threads)
 
     def _evaluate(self, Xd, Yd, prefix: str = "val_") -> dict[str, float]:
         """Mean cost (and accuracy for classification losses) of the model as it is now."""

@@ -121,7 +121,7 @@ class EarlyStopping(Callback):
 # ---------------------------------------------------------------- fit
 def fit(net, X, Y, epochs=1, batch_size=32, lr=None, optimizer=None, shuffle=True, strategy="vectorized",
         progress=None, validation_data=None, validation_split=0.0, seed=None, schedule=None,
-        callbacks=None) -> History:
+        callbacks=None, threads=None) -> History:
     """Train ``net`` by backpropagation on the mean cost; returns the per-epoch :class:`History`.
 
     Parameters
@@ -148,6 +148,9 @@ def fit(net, X, Y, epochs=1, batch_size=32, lr=None, optimizer=None, shuffle=Tru
     schedule : :class:`fastbp.optim.Schedule` or None, the per-epoch learning-rate schedule.
     callbacks : list of :class:`Callback` (e.g. :class:`EarlyStopping`) or functions
         ``f(epoch, logs) -> bool | None`` called after every epoch; True stops training.
+    threads : int >= 1 or None
+        BLAS threads for this fit (threadpoolctl's ``threadpool_limits`` semantics, restored
+        afterwards); None leaves the backend's own choice.
 
     The history's entries are the mean pre-update cost of each epoch's batches. If the cost
     becomes NaN or Inf, training stops with TrainingDivergedError and the parameters and the
@@ -169,6 +172,7 @@ def fit(net, X, Y, epochs=1, batch_size=32, lr=None, optimizer=None, shuffle=Tru
         raise TypeError(f"schedule must be an fb.optim.Schedule or None. Received: schedule={schedule!r} "
                         f"({type(schedule).__name__})")
     hooks = _callbacks(callbacks)
+    threads = check.positive_int("threads", threads, allow_none=True)
     split = _non_negative("validation_split", validation_split)
     if split >= 1.0:
         raise ValueError(f"validation_split out of range. Received: validation_split={validation_split!r}. "
@@ -199,8 +203,13 @@ def fit(net, X, Y, epochs=1, batch_size=32, lr=None, optimizer=None, shuffle=Tru
     if new_lr is not None:
         opt.lr = new_lr
     opt._bind(net)
-    return _Trainer(net, opt, Xd, Yd, val, epochs, batch_size, shuffle, strategy, progress, seed,
-                    schedule, hooks).run()
+    trainer = _Trainer(net, opt, Xd, Yd, val, epochs, batch_size, shuffle, strategy, progress, seed, schedule, hooks)
+    if threads is None:
+        return trainer.run()
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads, user_api="blas"):
+        return trainer.run()
 
 
 class _Trainer:

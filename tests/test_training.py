@@ -236,3 +236,20 @@ def test_models_training_in_two_threads_match_sequential_runs(backend):
         t.join()
     for i in range(2):
         np.testing.assert_allclose(threaded[i], sequential[i], rtol=1e-9, atol=1e-12)
+
+
+def test_fit_threads_limits_blas_for_the_fit_and_restores_it(backend):
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = blas_threads()
+    seen = []
+    X, Y = make_data(16, 3, 1, "mse")
+    net = fb.MLP([3, 4, 1], seed=0)
+    net.fit(X, Y, epochs=2, batch_size=4, threads=1, callbacks=[lambda e, logs: seen.append(blas_threads())])
+    assert seen and all(t == 1 for threads in seen for t in threads)
+    assert blas_threads() == before
+    with pytest.raises(ValueError, match="threads out of range"):
+        net.fit(X, Y, threads=0)
