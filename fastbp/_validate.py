@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -44,13 +45,26 @@ def positive_int(name: str, value, *, minimum: int = 1, allow_none: bool = False
     return int(value)
 
 
-def positive_float(name: str, value) -> float:
+def positive_float(name: str, value, dtype=None) -> float:
+    """A finite float > 0; given a model ``dtype``, also one that stays finite and nonzero
+    once cast to it (a float32 lr of 1e-320 would otherwise train with lr = 0)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number. Received: {name}={value!r} ({type(value).__name__}). "
                         "Expected a finite float > 0")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} out of range. Received: {name}={value!r}. Expected a finite float > 0")
-    return float(value)
+    value = float(value)
+    if dtype is not None:
+        dtype = np.dtype(dtype)
+        info = np.finfo(dtype)
+        if value > float(info.max):
+            raise ValueError(f"{name} does not fit the model's dtype. Received: {name}={value!r}. "
+                             f"Expected at most {float(info.max):.3g} ({dtype.name})")
+        if float(dtype.type(value)) == 0.0:
+            raise ValueError(f"{name} does not fit the model's dtype: it becomes 0 in {dtype.name}. "
+                             f"Received: {name}={value!r}. Expected at least {float(info.smallest_subnormal):.3g} "
+                             f"({dtype.name})")
+    return value
 
 
 def seed(name: str, value):
@@ -67,14 +81,33 @@ FLOAT_DTYPES = ("float32", "float64")
 
 
 def float_dtype(name: str, value) -> np.dtype:
-    """float32 or float64, from a name, a NumPy type or a dtype."""
-    try:
-        key = value if isinstance(value, str) else np.dtype(value).name if value is not None else None
-    except TypeError:
-        key = None
+    """float32 or float64 (native byte order), from anything ``np.dtype`` reads as one:
+    a name ("float32", "double", "f8", "<f4"), a NumPy type, ``float`` or a dtype."""
+    key = None
+    if value is not None and not isinstance(value, bool):  # np.dtype(None) would be float64
+        try:
+            key = np.dtype(value).name
+        except (TypeError, ValueError):
+            key = None
     if key not in FLOAT_DTYPES:
-        raise ValueError(f"unsupported {name}. Received: {name}={value!r}. Expected one of {list(FLOAT_DTYPES)}")
+        raise ValueError(f"unsupported {name}. Received: {name}={value!r}. Expected one of {list(FLOAT_DTYPES)} "
+                         "(or a NumPy spelling of them, e.g. 'f4', 'double', np.float64)")
     return np.dtype(key)
+
+
+def sizes(name: str, value) -> list[int]:
+    """Layer sizes ``[n_inputs, n_hidden..., n_outputs]``: an ordered sequence of ints >= 1."""
+    if (isinstance(value, (str, bytes, dict, set, frozenset)) or isinstance(value, Mapping)
+            or not isinstance(value, Iterable) or not hasattr(value, "__len__")):
+        raise TypeError(f"{name} must be a sequence of ints. Received: {name}={value!r} ({type(value).__name__}). "
+                        "Expected e.g. [784, 128, 10]")
+    if getattr(value, "ndim", 1) != 1:
+        raise TypeError(f"{name} must be a flat sequence of ints. Received: {_describe(value)}. "
+                        "Expected e.g. [784, 128, 10]")
+    values = list(value)
+    if len(values) < 2:
+        raise ValueError(f"{name} needs at least two entries (inputs, outputs). Received: {name}={values!r}")
+    return [positive_int(f"{name}[{i}]", v) for i, v in enumerate(values)]
 
 
 def _array_module(x):
@@ -86,6 +119,13 @@ def numeric_array(name: str, x, dtype=None):
     dtype, not empty, finite — and, given the model's ``dtype``, finite once cast to it."""
     if x is None:
         raise TypeError(f"{name} must be an array. Received: None. Expected an array-like of numbers")
+    if isinstance(x, np.ma.MaskedArray):  # np.asarray would drop the mask and keep the masked values
+        masked = int(np.ma.count_masked(x))
+        if masked:
+            raise ValueError(f"{name} is a masked array with masked entries, and fastbp does not read masks. "
+                             f"Received: {_describe(x)} with {masked} masked entries. Expected a plain array: "
+                             f"fill the masked entries ({name}.filled(value)) or drop their rows")
+        x = x.data  # nothing masked: the values are the array
     xp = _array_module(x)
     if xp is np:
         try:

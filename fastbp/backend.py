@@ -2,15 +2,23 @@
 
 ``FASTBP_BACKEND`` is read once, when this module is imported; nothing here
 imports numba or cupy until a backend is actually asked for.
+
+Two levels of selection: :func:`set_backend` sets the process default (every
+thread sees it), and :func:`use_backend` overrides it for the calling thread
+and context only (a :mod:`contextvars` variable), so two threads, or two
+asyncio tasks, can each work inside their own ``with fb.use_backend(...)``.
+A new thread starts from the process default, not from its creator's scope.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import importlib.util
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -24,9 +32,14 @@ VALID_CHOICES = ("auto",) + tuple(sorted(BACKEND_NAMES))
 _AUTO_ORDER = ("cupy", "numba", "numpy")
 
 _requested: str = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-_active = None  # the Backend in use; resolved from _requested on first use
+_default = None  # the process default Backend; resolved from _requested on first use
+# use_backend's override for this thread/context; None = the process default
+_scoped: contextvars.ContextVar = contextvars.ContextVar("fastbp_backend", default=None)
 _instances: dict = {}  # name -> Backend, created once
 _failures: dict[str, BackendUnavailableError] = {}
+# Re-entrant: _resolve("auto") calls _load. Held while a backend is created, so two threads
+# asking at once get the same instance (a backend's import and JIT setup run once).
+_lock = threading.RLock()
 
 
 def _check_name(name, *, source: str) -> str:
@@ -61,6 +74,14 @@ def _kernels_package():
 
 def _load(name: str):
     """The backend called ``name``, created on first use, or BackendUnavailableError."""
+    backend = _instances.get(name)
+    if backend is not None:
+        return backend
+    with _lock:
+        return _create(name)
+
+
+def _create(name: str):
     if name in _instances:
         return _instances[name]
     if name in _failures:
@@ -110,35 +131,53 @@ def available_backends() -> list[str]:
     return [name for name, why_not in backend_status().items() if why_not is None]
 
 
+def _process_default():
+    global _default
+    if _default is None:
+        with _lock:
+            if _default is None:
+                _default = _resolve(_check_name(_requested, source=ENV_VAR))
+    return _default
+
+
 def get_backend():
-    """The active backend (resolving ``FASTBP_BACKEND`` on first call). ``.name`` says which."""
-    global _active
-    if _active is None:
-        _active = _resolve(_check_name(_requested, source=ENV_VAR))
-    return _active
+    """The active backend: the innermost :func:`use_backend` of this thread/context, else
+    the process default (``FASTBP_BACKEND``, resolved on first call, or :func:`set_backend`).
+    ``.name`` says which."""
+    scoped = _scoped.get()
+    return _process_default() if scoped is None else scoped
 
 
 def set_backend(name: str):
-    """Make ``name`` ("numpy" | "numba" | "cupy" | "auto") the active backend and return it.
+    """Make ``name`` ("numpy" | "numba" | "cupy" | "auto") the process default and return it.
 
-    Raises ValueError for an unknown name and BackendUnavailableError, with the
-    reason and the fix, for one that cannot run here. Never falls back silently.
+    Every thread not inside a :func:`use_backend` block sees it. Called inside such a
+    block, it also replaces that block's backend for the rest of the block, so the
+    caller sees what it asked for. Raises ValueError for an unknown name and
+    BackendUnavailableError, with the reason and the fix, for one that cannot run here;
+    then nothing changes. Never falls back silently.
     """
-    global _active
-    _active = _resolve(_check_name(name, source="name"))
-    return _active
+    global _default
+    backend = _resolve(_check_name(name, source="name"))
+    _default = backend
+    if _scoped.get() is not None:
+        _scoped.set(backend)
+    return backend
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator:
-    """Scoped selection: ``with fb.use_backend("numpy"): ...`` restores the previous one after."""
-    global _active
-    previous = _active
-    backend = set_backend(name)
+    """Scoped selection for the calling thread and context only:
+    ``with fb.use_backend("numpy"): ...`` restores the previous selection after.
+
+    Other threads keep theirs meanwhile; the process default is untouched.
+    """
+    backend = _resolve(_check_name(name, source="name"))
+    token = _scoped.set(backend)
     try:
         yield backend
     finally:
-        _active = previous
+        _scoped.reset(token)
 
 
 def array_module_name(x) -> str | None:
