@@ -19,6 +19,7 @@ rank checks only its ``1/size`` of the rows and the ranks agree on the verdict.
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
@@ -27,7 +28,7 @@ import numpy as np
 
 from .parallel import share_bounds as _share
 
-__all__ = ["BatchStream", "Chunk", "is_streamed", "check_streamed"]
+__all__ = ["BatchStream", "Chunk", "check_streamed", "is_streamed", "sources", "train_epoch"]
 
 DEFAULT_CHUNK_BYTES = 32 << 20  # model-dtype bytes of X and Y rows per chunk
 DEFAULT_PREFETCH = True  # read the next chunk in a thread while this one trains (see benchmarks/)
@@ -74,12 +75,36 @@ def _shape_of(name: str, x) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
-def check_streamed(X, Y, *, n_features: int, n_outputs: int, loss: str, dtype, rows=None,
+def _host(name: str, x):
+    """Lists become NumPy arrays and CuPy arrays come to the host; row-indexable inputs stay."""
+    if isinstance(x, (list, tuple)):
+        try:
+            return np.asarray(x)
+        except (ValueError, TypeError) as exc:  # ragged lists and the like
+            raise ValueError(f"{name} could not be read as an array ({exc}). Received: {type(x).__name__} "
+                             f"of length {len(x)}") from None
+    if type(x).__module__.split(".")[0] == "cupy":
+        return x.get()
+    return x
+
+
+def sources(X, Y, *, n_features: int, n_outputs: int, loss: str, dtype, share=None,
+            chunk_bytes: int = DEFAULT_CHUNK_BYTES, names=("X", "Y")):
+    """``(X, Y, n_samples)``: the training data as host-readable row sources, checked by
+    :func:`check_streamed` (lists become arrays; nothing is copied whole otherwise)."""
+    X, Y = _host(names[0], X), _host(names[1], Y)
+    n = check_streamed(X, Y, n_features=n_features, n_outputs=n_outputs, loss=loss, dtype=dtype, share=share,
+                       chunk_bytes=chunk_bytes, names=names)
+    return X, Y, n
+
+
+def check_streamed(X, Y, *, n_features: int, n_outputs: int, loss: str, dtype, share=None,
                    chunk_bytes: int = DEFAULT_CHUNK_BYTES, names=("X", "Y")) -> int:
     """Check a streamed ``X, Y`` as ``fit`` checks in-memory data, reading them chunk by chunk.
 
-    ``rows`` limits the value checks to rows ``[lo, hi)`` (an MPI rank's part); shapes are
-    always checked whole. Returns ``n_samples``; raises ValueError/TypeError naming the argument.
+    ``share = (rank, size)`` limits the value checks to that rank's part of the rows (the ranks
+    then agree on the verdict); shapes are always checked whole. Returns ``n_samples``; raises
+    ValueError/TypeError naming the argument.
     """
     dtype = np.dtype(dtype)
     nx, ny = names
@@ -98,7 +123,7 @@ def check_streamed(X, Y, *, n_features: int, n_outputs: int, loss: str, dtype, r
         elif n_outputs == 1:
             expected += f" or ({n},)"
         raise ValueError(f"{ny} has the wrong shape. Received: {_describe(Y)}. Expected {expected}")
-    lo, hi = (0, n) if rows is None else rows
+    lo, hi = (0, n) if share is None else _share(n, *share)
     step = _chunk_rows(n_features * np.dtype(X.dtype).itemsize, chunk_bytes)
     limit = float(np.finfo(dtype).max)
     y_lo, y_hi = np.inf, -np.inf
@@ -165,13 +190,15 @@ class BatchStream:
     share : (rank, size) or None; under MPI this rank reads only its share of every batch
     chunk_bytes : model-dtype bytes of one chunk of this rank's X and Y rows (at least one batch)
     prefetch : read the next chunk in a background thread (None: when an epoch has several chunks)
+    n : train on rows ``[0, n)`` only (None: all of them)
     """
 
     def __init__(self, X, Y, *, n_outputs: int, loss: str, dtype, batch: int, backend, share=None,
-                 chunk_bytes: int | None = None, prefetch: bool | None = None) -> None:
+                 chunk_bytes: int | None = None, prefetch: bool | None = None, n: int | None = None) -> None:
         self.X, self.Y, self.backend = X, Y, backend
         self.dtype = np.dtype(dtype)
-        self.n, self.n_features = int(X.shape[0]), int(X.shape[1])
+        self.n = int(X.shape[0]) if n is None else int(n)  # rows [0, n) train (validation_split holds out the rest)
+        self.n_features = int(X.shape[1])
         self.n_outputs, self.batch = int(n_outputs), int(batch)
         self.labels = len(Y.shape) == 1 and loss == "cross_entropy"
         self.rank, self.size = share if share is not None else (0, 1)
@@ -286,3 +313,38 @@ class BatchStream:
                 if pending is not None:  # the caller stopped early (divergence, an error)
                     pending.cancel() or pending.exception()
 
+
+
+def train_epoch(net, stream: BatchStream, order, rule, state, strategy: str, count: bool, coll=None):
+    """One epoch of ``net`` over ``stream``; returns ``(loss_sum, n_done, n_correct)`` as
+    :meth:`Backend.train_epoch` does (``n_done`` short of ``n`` when a batch's cost was not
+    finite; that batch's update is not applied).
+
+    Single-process, a chunk of whole batches goes to the backend's compiled epoch where it has
+    one; under MPI (``coll``) each batch is composed -- this rank's gradient, the weighted
+    allreduce, then the same ``backend.update`` on every rank with the global batch's rows.
+    """
+    be, spec = net.backend, net.spec
+    compiled = coll is None and be.has_compiled_epoch and be.supports_epoch(spec, stream.batch, strategy, rule)
+    check_each = coll is not None or not be.is_gpu  # a GPU loss read back every batch would stall it
+    total, done, correct = 0.0, 0, 0
+    for chunk in stream.epoch(order):
+        if compiled:
+            loss_sum, n_done, n_correct = be.train_epoch(spec, net._params, net._grads, chunk.X, chunk.Y,
+                                                         stream.batch, rule, state, strategy)
+            total, done, correct = total + loss_sum, done + n_done, correct + n_correct
+            if n_done < chunk.X.shape[0]:
+                return total, done, correct
+            continue
+        for (lo, hi), rows in zip(chunk.bounds, chunk.sizes):
+            if hi > lo:
+                loss, n_correct = net._gradients_into(chunk.X[lo:hi], chunk.Y[lo:hi], strategy, count=count)
+            else:  # a last batch with fewer rows than ranks: this rank adds nothing
+                loss, n_correct = 0.0, 0
+            if coll is not None:
+                loss, n_correct = coll.allreduce_gradients(net._grads, hi - lo, rows, loss, n_correct)
+            if check_each and not math.isfinite(loss):
+                return total, done, correct
+            be.update(spec, rule, net._params, net._grads, state, rows)
+            total, done, correct = total + loss, done + rows, correct + n_correct
+    return total, done, correct

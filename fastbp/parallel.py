@@ -7,24 +7,24 @@ the batch, shares differing by at most one row), scales it by ``share / batch`` 
 batch, so every rank applies the same optimizer step as a single process would. The batch's cost
 sum and correct count travel in a small float64 ``Iallreduce`` that overlaps the gradient's.
 
-Failure never hangs: :meth:`Collective.agree` runs the input checks on every rank and then
-exchanges one error flag (with the arguments that must match), so bad input on one rank raises the
-same exception on all of them before anything is touched, and the per-step loss every rank tests
-for divergence is the same reduced number. Every collective here is entered by every rank in the
-same order; none is skipped by some.
+Failure never hangs: ``fit``'s checks run on every rank and end in one exchange,
+:meth:`Collective.settle`, of each rank's error (or none) with the arguments that must match; the
+:func:`collective_checks` decorator makes an error raised before that point take part in it too. So
+bad input on one rank raises the same exception on all of them before anything is touched, and the
+per-step loss every rank tests for divergence is the same reduced number. Every collective here
+is entered by every rank in the same order; none is skipped by some.
 
 mpi4py is imported only when a communicator is given (``import fastbp`` stays light).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
-from contextlib import contextmanager
-from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["Collective", "collective", "share_bounds"]
+__all__ = ["Collective", "collective_checks", "share_bounds"]
 
 # Exceptions rebuilt by type on the ranks that did not raise them; anything else travels pickled.
 _REBUILT = {cls.__name__: cls for cls in (ValueError, TypeError, FileNotFoundError, MemoryError, RuntimeError)}
@@ -76,9 +76,10 @@ class Collective:
         self.MPI = _mpi()
         self.backend = backend
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.settled = False  # whether the ranks have exchanged their verdict on the arguments
         self._scalars = np.zeros(2)  # [loss_sum, n_correct] of one step, float64 on every dtype
         self._host: dict[tuple, np.ndarray] = {}  # host staging buffers for GPU arrays
-        self.cuda_aware = bool(backend.is_gpu and self._query_cuda_aware())
+        self.cuda_aware = bool(getattr(backend, "is_gpu", False) and self._query_cuda_aware())
 
     def _query_cuda_aware(self) -> bool:
         query = getattr(self.MPI, "Query_cuda_support", None)  # mpi4py >= 4 (MPIX_Query_cuda_support)
@@ -91,31 +92,10 @@ class Collective:
         return f"Collective(rank={self.rank}, size={self.size}, staging={'device' if self.cuda_aware else 'host'})"
 
     # ------------------------------------------------------------ agreement
-    def agree(self, check: Callable[[], tuple[Any, dict]]):
-        """Run ``check()`` here, then agree with every rank; returns its first result.
-
-        ``check`` returns ``(result, signature)``: ``signature`` is a dict of values that must be
-        equal on every rank (sizes, epochs, batch size, ...). If ``check`` raises on any rank,
-        or a signature value differs, every rank raises the same exception (the lowest failing
-        rank's, its message prefixed with that rank) -- after one collective, so no rank is left
-        waiting in another.
-        """
-        error, result, signature = None, None, None
-        try:
-            result, signature = check()
-        except Exception as exc:  # noqa: BLE001 -- every local failure must reach the other ranks
-            error = exc
-        self._raise_if_any(error, signature)
-        return result
-
-    @contextmanager
-    def agreement(self, signature: dict | None = None):
-        """``with coll.agreement(sig):`` -- :meth:`agree` for a block of checks."""
-        error = None
-        try:
-            yield
-        except Exception as exc:  # noqa: BLE001
-            error = exc
+    def settle(self, error: BaseException | None = None, signature: dict | None = None) -> None:
+        """The one agreement of a fit: every rank calls it once, with the exception its checks
+        raised (or None) and the values that must match; raises on all ranks or on none."""
+        self.settled = True
         self._raise_if_any(error, signature)
 
     def _raise_if_any(self, error, signature) -> None:
@@ -133,8 +113,8 @@ class Collective:
                                      f"on rank {rank}. Expected the same {key} on all {self.size} ranks")
 
     def check_batch(self, batch: int, n_samples: int, batch_size) -> None:
-        """ValueError (raised alike on every rank, since all agree on these numbers) when a
-        global batch cannot give every rank at least one row."""
+        """ValueError when a global batch cannot give every rank at least one row (raised before
+        :meth:`settle`, so every rank raises it)."""
         if batch < self.size:
             raise ValueError(f"batch_size is smaller than the number of MPI ranks: every rank needs at least one "
                              f"row of each batch. Received: batch_size={batch_size!r} (n_samples={n_samples}) on "
@@ -146,7 +126,9 @@ class Collective:
         for a in arrays:
             if a is None or a.size == 0:
                 continue
-            if self.backend.is_gpu and not self.cuda_aware:
+            if isinstance(a, np.ndarray):  # host data (a step counter, NumPy-backend buffers)
+                self.comm.Bcast(a, root=0)
+            elif self.backend.is_gpu and not self.cuda_aware:
                 host = self._staging(a)
                 a.get(out=host)
                 self.comm.Bcast(host, root=0)
@@ -155,10 +137,6 @@ class Collective:
                 if self.backend.is_gpu:
                     self.backend.synchronize()
                 self.comm.Bcast(a, root=0)
-
-    def broadcast_object(self, obj):
-        """Rank 0's ``obj`` (pickled) on every rank."""
-        return self.comm.bcast(obj, root=0)
 
     def broadcast_rng(self, rng: np.random.Generator) -> None:
         """Give ``rng`` rank 0's state, so every rank draws the same shuffles as rank 0 would alone."""
@@ -200,16 +178,6 @@ class Collective:
             request.Wait()
         return float(scalars[0]), int(round(scalars[1]))
 
-    def allreduce_sum(self, values) -> np.ndarray:
-        """Elementwise sum over ranks of a small float64 host vector (epoch totals, validation)."""
-        out = np.array(values, dtype=np.float64)
-        self.comm.Allreduce(self.MPI.IN_PLACE, out, op=self.MPI.SUM)
-        return out
-
-    def all_true(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on every rank."""
-        return bool(self.comm.allreduce(bool(flag), op=self.MPI.LAND))
-
     def _staging(self, a) -> np.ndarray:
         key = (a.shape, np.dtype(a.dtype).str)
         host = self._host.get(key)
@@ -218,9 +186,25 @@ class Collective:
         return host
 
 
-def collective(comm, backend) -> Collective | None:
-    """A :class:`Collective` for ``comm``, or None for a single-process fit (``comm=None``)."""
-    return None if comm is None else Collective(comm, backend)
+def collective_checks(fit):
+    """Decorator for ``fit(net, ..., comm=None)``: with an mpi4py ``comm`` the fit runs with a
+    :class:`Collective` in its place, and an error raised before ``fit`` reached
+    :meth:`Collective.settle` (its checks) is agreed on, so every rank raises the same one."""
+
+    @functools.wraps(fit)
+    def run(net, *args, comm=None, **kwargs):
+        if comm is None or isinstance(comm, Collective):
+            return fit(net, *args, comm=comm, **kwargs)
+        coll = Collective(comm, getattr(net, "backend", None))
+        try:
+            return fit(net, *args, comm=coll, **kwargs)
+        except Exception as exc:  # noqa: BLE001 -- re-raised, the same on every rank
+            if coll.settled:
+                raise
+            coll.settle(exc)
+            raise  # not reached: settle raises the agreed error
+
+    return run
 
 
 def _pinned_empty(shape, dtype) -> np.ndarray:

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from . import _validate as check
-from . import optim
+from . import data, optim, parallel
 from .errors import TrainingDivergedError
 from .network import STRATEGIES
 
@@ -119,9 +119,10 @@ class EarlyStopping(Callback):
 
 
 # ---------------------------------------------------------------- fit
+@parallel.collective_checks  # with comm: an error before the ranks settle is raised alike on all of them
 def fit(net, X, Y, epochs=1, batch_size=32, lr=None, optimizer=None, shuffle=True, strategy="vectorized",
         progress=None, validation_data=None, validation_split=0.0, seed=None, schedule=None,
-        callbacks=None, threads=None) -> History:
+        callbacks=None, threads=None, comm=None) -> History:
     """Train ``net`` by backpropagation on the mean cost; returns the per-epoch :class:`History`.
 
     Parameters
@@ -151,6 +152,14 @@ def fit(net, X, Y, epochs=1, batch_size=32, lr=None, optimizer=None, shuffle=Tru
     threads : int >= 1 or None
         BLAS threads for this fit (threadpoolctl's ``threadpool_limits`` semantics, restored
         afterwards); None leaves the backend's own choice.
+    comm : an mpi4py communicator or None
+        Data-parallel training over MPI (README, "Scale-out"): every rank passes the same
+        arguments and data; ``batch_size`` is the global batch; each rank reads only its share of
+        every batch, and every rank ends with the parameters a single-process fit would give. Bad
+        input on any rank raises the same error on all. (Inside, ``comm`` is a parallel.Collective.)
+
+    X and Y may be a read-only ``np.memmap`` (``np.load(path, mmap_mode="r")``) or any array with
+    row indexing: they are then streamed in chunks (:mod:`fastbp.data`), never copied whole.
 
     The history's entries are the mean pre-update cost of each epoch's batches. If the cost
     becomes NaN or Inf, training stops with TrainingDivergedError and the parameters and the
@@ -180,14 +189,24 @@ def fit(net, X, Y, epochs=1, batch_size=32, lr=None, optimizer=None, shuffle=Tru
     if split and validation_data is not None:
         raise ValueError("validation_split and validation_data given together. Received: "
                          f"validation_split={validation_split!r} and validation_data. Expected one of them")
-    Xd, Yd = net._inputs_targets(X, Y)
+    stream = comm is not None or data.is_streamed(X) or data.is_streamed(Y)
+    if stream:  # read chunk by chunk; under MPI each rank checks and reads only its share of the rows
+        Xd, Yd, n = data.sources(X, Y, n_features=net.spec.sizes[0], n_outputs=net.spec.sizes[-1],
+                                 loss=net.spec.loss, dtype=net.dtype, share=comm and (comm.rank, comm.size))
+    else:
+        Xd, Yd = net._inputs_targets(X, Y)
+        n = Xd.shape[0]
     val = None
     if split:
         n_train = int(Xd.shape[0] * (1.0 - split))
         if n_train < 1 or n_train == Xd.shape[0]:
             raise ValueError(f"validation_split={validation_split!r} of {Xd.shape[0]} rows leaves "
                              f"{n_train} for training and {Xd.shape[0] - n_train} for validation. Expected both >= 1")
-        Xd, Yd, val = Xd[:n_train], Yd[:n_train], (Xd[n_train:], Yd[n_train:])
+        if stream:  # the held-out rows come into memory; the training rows [0, n_train) stay streamed
+            val, n = net._inputs_targets(np.asarray(Xd[n_train:]), np.asarray(Yd[n_train:])), n_train
+        else:
+            Xd, Yd, val = Xd[:n_train], Yd[:n_train], (Xd[n_train:], Yd[n_train:])
+            n = n_train
     elif validation_data is not None:
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
             raise TypeError("validation_data must be a pair (X_val, Y_val). "
@@ -198,12 +217,21 @@ def fit(net, X, Y, epochs=1, batch_size=32, lr=None, optimizer=None, shuffle=Tru
             raise ValueError(f"EarlyStopping(monitor={hook.monitor!r}) needs validation data. Received: "
                              "validation_data=None and validation_split=0. Expected one of them, or monitor='loss'")
 
+    if comm is not None:  # the ranks agree before anything changes (the same error on all, or none)
+        comm.check_batch(n if batch_size is None else min(batch_size, n), n, batch_size)
+        comm.settle(None, dict(n=n, epochs=epochs, batch_size=batch_size, shuffle=shuffle, strategy=strategy,
+                               seed=seed, sizes=net.sizes, dtype=net.dtype.name, optimizer=repr(opt), lr=new_lr))
+
     # ---- accepted: from here on the model changes
     net.optimizer = opt
     if new_lr is not None:
         opt.lr = new_lr
     opt._bind(net)
-    trainer = _Trainer(net, opt, Xd, Yd, val, epochs, batch_size, shuffle, strategy, progress, seed, schedule, hooks)
+    trainer = _Trainer(net, opt, Xd, Yd, val, epochs, batch_size, shuffle, strategy, progress, seed, schedule, hooks,
+                       n=n, stream=stream, comm=comm)
+    if comm is not None:  # every rank starts from rank 0's parameters, optimizer state and shuffle stream
+        comm.broadcast_(net._params, opt.state.buffers, opt.state.step)
+        comm.broadcast_rng(trainer.rng)
     if threads is None:
         return trainer.run()
     from threadpoolctl import threadpool_limits
@@ -216,21 +244,28 @@ class _Trainer:
     """One fit's loop; every check has passed before it is made."""
 
     def __init__(self, net, opt, Xd, Yd, val, epochs, batch_size, shuffle, strategy, progress, seed,
-                 schedule, hooks) -> None:
+                 schedule, hooks, n=None, stream=False, comm=None) -> None:
         self.net, self.opt, self.val, self.hooks, self.schedule = net, opt, val, hooks, schedule
         self.be, self.spec = net.backend, net.spec
         self.X, self.Y = Xd, Yd
-        self.n = Xd.shape[0]
+        self.n = Xd.shape[0] if n is None else n
         self.epochs, self.shuffle, self.strategy = epochs, shuffle, strategy
         self.batch = self.n if batch_size is None else min(batch_size, self.n)
         self.rng = net._rng if seed is None else np.random.default_rng(seed)
-        self.show = sys.stderr.isatty() if progress is None else bool(progress)
+        self.show = (sys.stderr.isatty() if progress is None else bool(progress)) and (comm is None or comm.rank == 0)
+        self.comm, self.stream = comm, None
+        if stream:
+            self.stream = data.BatchStream(Xd, Yd, n_outputs=net.spec.sizes[-1], loss=net.spec.loss, dtype=net.dtype,
+                                           batch=self.batch, backend=self.be, n=self.n,
+                                           share=comm and (comm.rank, comm.size))
         self.count = net.spec.loss != "mse"  # accuracy for classification losses
 
     def run(self) -> History:
         net, be, opt = self.net, self.be, self.opt
         dtype = net.dtype
-        Xs, Ys = (be.empty(self.X.shape, dtype), be.empty(self.Y.shape, dtype)) if self.shuffle else (self.X, self.Y)
+        Xs, Ys = self.X, self.Y
+        if self.shuffle and self.stream is None:
+            Xs, Ys = be.empty(self.X.shape, dtype), be.empty(self.Y.shape, dtype)
         snapshot = be.empty(net._params.shape, dtype)
         state_snapshot = be.empty(opt.state.buffers.shape, dtype)
         history = History()
@@ -251,12 +286,17 @@ class _Trainer:
                     snapshot[...] = net._params
                     state_snapshot[...] = opt.state.buffers
                     step0 = opt.state.steps
-                    if self.shuffle:
-                        index = be.index_array(self.rng.permutation(self.n))
-                        be.take_rows(self.X, index, Xs)
-                        be.take_rows(self.Y, index, Ys)
                     rule = opt.rule()
-                    loss_sum, n_done, correct = self._epoch(Xs, Ys, rule)
+                    if self.stream is not None:  # chunks of rows (under MPI: allreduce per batch)
+                        order = self.rng.permutation(self.n) if self.shuffle else None
+                        loss_sum, n_done, correct = data.train_epoch(net, self.stream, order, rule, opt.state,
+                                                                     self.strategy, self.count, self.comm)
+                    else:
+                        if self.shuffle:
+                            index = be.index_array(self.rng.permutation(self.n))
+                            be.take_rows(self.X, index, Xs)
+                            be.take_rows(self.Y, index, Ys)
+                        loss_sum, n_done, correct = self._epoch(Xs, Ys, rule)
                     epoch_loss = float(loss_sum) / max(n_done, 1)
                     if n_done < self.n or not math.isfinite(epoch_loss) or not be.all_finite(net._params):
                         net._params[...] = snapshot
