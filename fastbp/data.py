@@ -89,7 +89,7 @@ def _host(name: str, x):
 
 
 def sources(X, Y, *, n_features: int, n_outputs: int, loss: str, dtype, share=None,
-            chunk_bytes: int = DEFAULT_CHUNK_BYTES, names=("X", "Y")):
+            chunk_bytes: int | None = None, names=("X", "Y")):
     """``(X, Y, n_samples)``: the training data as host-readable row sources, checked by
     :func:`check_streamed` (lists become arrays; nothing is copied whole otherwise)."""
     X, Y = _host(names[0], X), _host(names[1], Y)
@@ -99,7 +99,7 @@ def sources(X, Y, *, n_features: int, n_outputs: int, loss: str, dtype, share=No
 
 
 def check_streamed(X, Y, *, n_features: int, n_outputs: int, loss: str, dtype, share=None,
-                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, names=("X", "Y")) -> int:
+                   chunk_bytes: int | None = None, names=("X", "Y")) -> int:
     """Check a streamed ``X, Y`` as ``fit`` checks in-memory data, reading them chunk by chunk.
 
     ``share = (rank, size)`` limits the value checks to that rank's part of the rows (the ranks
@@ -124,7 +124,7 @@ def check_streamed(X, Y, *, n_features: int, n_outputs: int, loss: str, dtype, s
             expected += f" or ({n},)"
         raise ValueError(f"{ny} has the wrong shape. Received: {_describe(Y)}. Expected {expected}")
     lo, hi = (0, n) if share is None else _share(n, *share)
-    step = _chunk_rows(n_features * np.dtype(X.dtype).itemsize, chunk_bytes)
+    step = _chunk_rows(n_features * np.dtype(X.dtype).itemsize, chunk_bytes or DEFAULT_CHUNK_BYTES)
     limit = float(np.finfo(dtype).max)
     y_lo, y_hi = np.inf, -np.inf
     for start in range(lo, hi, step):
