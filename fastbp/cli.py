@@ -1,7 +1,8 @@
 """The ``fastbp`` command line: ``fastbp bench``, ``fastbp info`` and ``fastbp report``.
 
     fastbp bench [--quick] [--backends numpy,numba] [--sizes 784,128,10] [--batch-sizes 1,32,full]
-                 [--dtype float32] [--repeat 5] [--out bench.json] [--plot bench.png] [--peers torch,sklearn]
+                 [--dtype float32] [--repeat 5] [--out bench.json] [--plot bench.png] [--peers torch,jax,sklearn]
+                 [--optimizer sgd|momentum|adam] [--threads N] [--contended]
     fastbp info [--json]
     fastbp report FILE.json [--markdown]
 
@@ -23,6 +24,7 @@ import fastbp as fb
 
 from . import bench
 from .bench import machine
+from .bench import optimizer as bench_optimizer
 from .bench import report as bench_report
 from .kernels.base import ELEMENTWISE_ACTIVATIONS, LOSSES
 
@@ -126,16 +128,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"timed repeats per figure (default {d.repeat}, --quick {q.repeat})")
     b.add_argument("--min-time", type=_positive(float, "--min-time"), default=None,
                    help=f"seconds each timed repeat lasts at least (default {d.min_time}, --quick {q.min_time})")
-    b.add_argument("--lr", type=_positive(float, "--lr"), default=d.lr, help="learning rate for training")
+    b.add_argument("--lr", type=_positive(float, "--lr"), default=None,
+                   help=f"learning rate for training (default {d.lr}; {bench_optimizer.ADAM_DEFAULT_LR} with "
+                        "--optimizer adam)")
+    b.add_argument("--optimizer", choices=bench_optimizer.NAMES, default=d.optimizer,
+                   help=f"update rule for fastbp and every peer alike: plain SGD, SGD with momentum "
+                        f"{bench_optimizer.DEFAULT_MOMENTUM}, or Adam (torch.optim's formulas)")
     b.add_argument("--seed", type=_positive(int, "--seed", minimum=0), default=d.seed,
                    help="seed of the model and the synthetic data")
     b.add_argument("--threads", type=_positive(int, "--threads"), default=None,
-                   help="cap BLAS/OpenMP threads (threadpoolctl) and Numba threads for the run "
-                        "(default: the libraries' own settings, recorded in the JSON)")
+                   help="cap BLAS/OpenMP threads (threadpoolctl semantics) and Numba threads for the run, "
+                        "torch's threads and (for 1) JAX's (default: the libraries' own settings, recorded "
+                        "in the JSON)")
+    b.add_argument("--contended", action="store_true",
+                   help="after the quiet run, run everything again while one busy-loop process occupies a "
+                        "core, and report each throughput under load as a share of the quiet one")
     b.add_argument("--quick", action="store_true", help="a short smoke run: fewer batch sizes, repeats, samples")
     b.add_argument("--peers", type=_names("--peers", bench.PEERS, ("none",)), default=None,
-                   help="also measure these libraries on the same model and data (when installed): "
-                        + ",".join(bench.PEERS))
+                   help="also measure these libraries on the same model, data and optimizer (when "
+                        "installed; JAX in both its per-step jit and whole-epoch scan forms, the faster "
+                        "named): " + ",".join(bench.PEERS))
     b.add_argument("--out", metavar="FILE.json", default=None, help="write the full record (JSON) here")
     b.add_argument("--plot", metavar="FILE.png", default=None,
                    help="draw throughput against batch size per backend (needs matplotlib)")
@@ -182,12 +194,16 @@ def _config(args, parser) -> bench.BenchConfig:
         parser.error(f"argument --grad-batch: Received: --grad-batch {grad_batch} with {n_samples} samples. "
                      f"Expected at most {n_samples}")
     peers = () if args.peers in (None, ["none"]) else tuple(p for p in args.peers if p != "none")
+    why_not = bench_optimizer.fastbp_support(args.optimizer)
+    if why_not:
+        parser.error(f"argument --optimizer: {why_not}")
+    lr = args.lr if args.lr is not None else bench_optimizer.default_lr(args.optimizer, preset.lr)
     return dataclasses.replace(
         preset, backends=backends, sizes=tuple(args.sizes) if args.sizes else preset.sizes,
         activation=args.activation, loss=args.loss, batch_sizes=batch_sizes, n_samples=n_samples,
         grad_batch=grad_batch, dtype=args.dtype, repeat=args.repeat or preset.repeat,
-        min_time=args.min_time or preset.min_time, lr=args.lr, seed=args.seed, peers=peers,
-        threads=args.threads, isolate=args.isolate)
+        min_time=args.min_time or preset.min_time, lr=lr, optimizer=args.optimizer, seed=args.seed,
+        peers=peers, threads=args.threads, isolate=args.isolate, contended=args.contended)
 
 
 def _cmd_bench(args, parser) -> int:
@@ -214,8 +230,10 @@ def _cmd_bench(args, parser) -> int:
     for path in written:
         print(f"wrote {path}")
     sys.stdout.flush()
-    failed = [n for n, r in result["backends"].items() if r.get("status") == "error"]
-    failed += [f"{n} batch {row['batch_size']}" for n, r in result["backends"].items()
+    passes = [("", result["backends"])] + ([("under load: ", result["contended"]["backends"])]
+                                           if "contended" in result else [])
+    failed = [f"{tag}{n}" for tag, recs in passes for n, r in recs.items() if r.get("status") == "error"]
+    failed += [f"{tag}{n} batch {row['batch_size']}" for tag, recs in passes for n, r in recs.items()
                for row in r.get("training", []) if "error" in row]
     if failed:
         print(f"fastbp bench: failures: {', '.join(failed)}", file=sys.stderr)
@@ -284,7 +302,7 @@ def _cmd_info(args, parser) -> int:
            f"python {m['python']} ({sys.executable}), {m['platform']}",
            "versions: " + ", ".join(f"{k} {v[k] or 'not installed'}"
                                     for k in ("numpy", "numba", "cupy", "threadpoolctl", "tqdm",
-                                              "scikit-learn", "torch", "matplotlib")),
+                                              "scikit-learn", "torch", "jax", "matplotlib")),
            "",
            f"backends (FASTBP_BACKEND={rec['fastbp_backend_env']}; active: {rec['active_backend']}):"]
     for name, entry in rec["backends"].items():

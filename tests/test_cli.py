@@ -6,26 +6,43 @@ the benchmark runs use a tiny model so the file takes seconds.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import fastbp as fb
 from fastbp import bench
+from fastbp.bench import contention, peers
 from fastbp.bench import report as bench_report
+from fastbp.bench.optimizer import OptimizerSpec, fit_kwargs
+
+ROOT = Path(__file__).resolve().parent.parent
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+HAS_JAX = importlib.util.find_spec("jax") is not None
 
 TINY = ["bench", "--quick", "--backends", "numpy", "--sizes", "8,4,2", "--batch-sizes", "1,8",
         "--repeat", "2", "--min-time", "0.01", "--no-progress"]
 
 
-def fastbp(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "FASTBP_BACKEND"}
+def fastbp(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k != "FASTBP_BACKEND"}
     return subprocess.run([sys.executable, "-m", "fastbp", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def run_json(tmp_path, *args: str, name: str = "run.json", **kwargs) -> dict:
+    """``fastbp bench`` with ``args`` (exit status 0 asserted) and its --out record."""
+    out = tmp_path / name
+    proc = fastbp(*args, "--out", str(out), **kwargs)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text()) | {"_stdout": proc.stdout}
 
 
 def test_version_and_python_m():
@@ -44,7 +61,7 @@ def test_bench_help_lists_the_options():
     proc = fastbp("bench", "--help")
     assert proc.returncode == 0, proc.stderr
     for option in ("--backends", "--sizes", "--batch-sizes", "--dtype", "--repeat", "--quick", "--out",
-                   "--plot", "--peers"):
+                   "--plot", "--peers", "--optimizer", "--threads", "--contended"):
         assert option in proc.stdout
 
 
@@ -68,10 +85,14 @@ def test_console_script_is_installed():
         (["--samples", "8", "--batch-sizes", "1,16"], ["--batch-sizes", "16", "--samples 8"]),
         (["--dtype", "float16"], ["--dtype", "float16", "float32"]),
         (["--repeat", "0"], ["--repeat", "'0'"]),
-        (["--peers", "tensorflow"], ["--peers", "'tensorflow'", "torch"]),
+        (["--peers", "tensorflow"], ["--peers", "'tensorflow'", "torch", "jax"]),
+        (["--optimizer", "rmsprop"], ["--optimizer", "rmsprop", "sgd", "momentum", "adam"]),
+        (["--threads", "0"], ["--threads", "'0'"]),
+        (["--lr", "-1"], ["--lr", "'-1'"]),
     ],
     ids=["sizes-not-int", "sizes-too-short", "sizes-zero", "unknown-backend", "batch-zero", "batch-not-int",
-         "batch-over-samples", "bad-dtype", "repeat-zero", "unknown-peer"],
+         "batch-over-samples", "bad-dtype", "repeat-zero", "unknown-peer", "unknown-optimizer", "threads-zero",
+         "lr-negative"],
 )
 def test_argument_errors_are_clear(args, names):
     proc = fastbp("bench", *args)
@@ -112,8 +133,13 @@ def test_quick_bench_writes_valid_json_and_plot(tmp_path):
 
     numpy_rec = record["backends"]["numpy"]
     assert numpy_rec["status"] == "ok"
-    assert numpy_rec["jit"]["seconds"] >= 0
     grad = numpy_rec["gradient"]
+    # the numpy backend compiles nothing: its warm-up figure is the first call's excess over a steady one
+    jit = numpy_rec["jit"]
+    assert jit["method"] == "first vectorized gradient call minus a steady one"
+    assert jit["first_call_s"] == grad["vectorized"]["first_call_s"] > 0
+    assert jit["seconds"] == pytest.approx(max(0.0, jit["first_call_s"] - grad["vectorized"]["seconds"]["median"]))
+    assert record["optimizer"] == {"name": "sgd", "lr": 0.05, "weight_decay": 0.0}
     for strategy in ("loop", "vectorized"):
         assert len(grad[strategy]["times_s"]) == 2
         s = grad[strategy]["seconds"]
@@ -161,15 +187,151 @@ def test_report_refuses_a_file_that_is_not_a_record(tmp_path):
 
 
 def test_missing_peers_never_fail_the_run(tmp_path):
-    out = tmp_path / "peers.json"
-    proc = fastbp(*TINY, "--batch-sizes", "8", "--peers", "torch,sklearn", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
-    peers = json.loads(out.read_text())["peers"]
-    assert set(peers) == {"torch", "sklearn"}
-    for rec in peers.values():
-        assert rec["status"] in ("ok", "unavailable", "error")
-        if rec["status"] != "ok":
-            assert rec.get("reason") or rec.get("error")
+    # torch and jax made unimportable for the run (a module of that name that raises ImportError first on
+    # the path); scikit-learn, a test dependency, stays importable and must run
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    for name in ("torch", "jax"):
+        (blocked / f"{name}.py").write_text(f"raise ImportError('{name} blocked for this test')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(blocked), os.environ.get("PYTHONPATH")])))
+    record = run_json(tmp_path, *TINY, "--batch-sizes", "8", "--peers", "torch,jax,sklearn", env=env)
+    got = record["peers"]
+    assert set(got) == {"torch", "jax", "sklearn"}
+    for name, pip in (("torch", "pip install torch"), ("jax", "pip install jax")):
+        assert got[name]["status"] == "unavailable", got[name]
+        assert "blocked for this test" in got[name]["reason"] and pip in got[name]["reason"]
+        assert f"peer {name}: unavailable" in record["_stdout"]
+    assert got["sklearn"]["status"] == "ok", got["sklearn"]
+    row = got["sklearn"]["training"][0]
+    assert row["batch_size"] == 8 and len(row["samples_per_s_all"]) == 2 and row["samples_per_s"]["median"] > 0
+
+
+def test_optimizer_option_trains_fastbp_and_peers_with_it(tmp_path):
+    record = run_json(tmp_path, *TINY, "--batch-sizes", "8", "--optimizer", "adam", "--peers", "sklearn")
+    # Adam's default learning rate is torch's and scikit-learn's, not SGD's
+    assert record["config"]["optimizer"] == "adam" and record["config"]["lr"] == 0.001
+    assert record["optimizer"] == {"name": "adam", "lr": 0.001, "weight_decay": 0.0, "betas": [0.9, 0.999],
+                                   "eps": 1e-8}
+    assert "adam betas (0.9, 0.999), lr 0.001" in record["_stdout"]
+    assert record["backends"]["numpy"]["training"][0]["samples_per_s"]["median"] > 0
+    peer = record["peers"]["sklearn"]
+    assert peer["optimizer"]["name"] == "adam" and peer["training"][0]["raw"][0]["optimizer"]["name"] == "adam"
+    momentum = run_json(tmp_path, *TINY, "--batch-sizes", "8", "--optimizer", "momentum", "--lr", "0.02",
+                        name="momentum.json")
+    assert momentum["optimizer"] == {"name": "momentum", "lr": 0.02, "weight_decay": 0.0, "momentum": 0.9,
+                                     "dampening": 0.0, "nesterov": False}
+
+
+def test_fit_kwargs_set_the_optimizer_once_then_continue_it():
+    net = fb.MLP([3, 2], seed=0)
+    first = fit_kwargs(net, OptimizerSpec.make("adam", 0.01), first=True, threads=1)
+    assert isinstance(first["optimizer"], fb.optim.Adam) and first["optimizer"].lr == 0.01
+    assert first["threads"] == 1 and "lr" not in first  # an instance carries its own lr
+    assert fit_kwargs(net, OptimizerSpec.make("adam", 0.01), first=False) == {"optimizer": None}
+    sgd = fit_kwargs(net, OptimizerSpec.make("momentum", 0.1), first=True)["optimizer"]
+    assert isinstance(sgd, fb.optim.SGD) and sgd.momentum == 0.9
+    with pytest.raises(ValueError, match="optimizer=.*'rmsprop'"):
+        OptimizerSpec.make("rmsprop", 0.1)
+    with pytest.raises(ValueError, match="lr=-1"):
+        OptimizerSpec.make("sgd", -1)
+
+
+def test_threads_option_caps_the_workers_blas(tmp_path):
+    record = run_json(tmp_path, *TINY, "--batch-sizes", "8", "--threads", "1")
+    assert record["config"]["threads"] == 1 and "threads: capped at 1" in record["_stdout"]
+    pools = [p for p in record["backends"]["numpy"]["blas"] if p.get("user_api") == "blas"]
+    assert pools and all(p["num_threads"] == 1 for p in pools), pools
+
+
+def test_contended_reports_each_figure_as_a_share_of_quiet(tmp_path):
+    record = run_json(tmp_path, *TINY, "--batch-sizes", "1,8", "--contended")
+    cont = record["contended"]
+    load = cont["load"]
+    assert len(load["pids"]) == 1 and load["cpu_seconds"][0] > 0 and load["wall_s"] > 0
+    assert cont["backends"]["numpy"]["status"] == "ok"
+    fractions = cont["fractions"]["numpy"]
+    for quiet, busy in zip(record["backends"]["numpy"]["training"], cont["backends"]["numpy"]["training"]):
+        assert quiet["batch_size"] == busy["batch_size"]
+        expected = busy["samples_per_s"]["median"] / quiet["samples_per_s"]["median"]
+        assert fractions["training"][str(quiet["batch_size"])] == pytest.approx(expected)
+    assert fractions["min_training"] == min(fractions["training"].values())
+    grad_q, grad_b = record["backends"]["numpy"]["gradient"], cont["backends"]["numpy"]["gradient"]
+    assert fractions["gradient_vectorized"] == pytest.approx(grad_q["vectorized"]["seconds"]["median"]
+                                                             / grad_b["vectorized"]["seconds"]["median"])
+    assert record["summary"]["numpy"]["contended_min_fraction"] == fractions["min_training"]
+    assert "Under load" in record["_stdout"]
+
+
+def test_busy_load_holds_a_core_and_stops():
+    with contention.BusyLoad(1) as load:
+        pid = load.pids[0]
+        time.sleep(0.5)  # leaves the loop a core
+    assert load.record["cpu_seconds"][0] > 0.05 and load.record["cores_held"][0] > 0.1
+    with pytest.raises(ProcessLookupError):  # stopped and reaped
+        os.kill(pid, 0)
+    with pytest.raises(ValueError, match="count=0"):
+        contention.BusyLoad(0)
+
+
+@pytest.mark.skipif(not HAS_JAX, reason="jax is not installed (pip install jax)")
+def test_jax_peer_times_both_forms_and_names_the_faster(tmp_path):
+    record = run_json(tmp_path, *TINY, "--batch-sizes", "8", "--peers", "jax")
+    rec = record["peers"]["jax"]
+    assert rec["status"] == "ok", rec
+    assert rec["variants"] == ["jit", "scan"]
+    row = rec["training"][0]
+    assert set(row["variants"]) == {"jit", "scan"}
+    medians = {form: v["samples_per_s"]["median"] for form, v in row["variants"].items()}
+    assert row["form"] == max(medians, key=medians.get)
+    assert row["samples_per_s"] == row["variants"][row["form"]]["samples_per_s"]
+    for form, v in row["variants"].items():
+        assert v["compile_s"] > 0 and len(v["samples_per_s_all"]) == 2
+        assert all(r["form"] == form and r["seconds"] > 0 for r in v["raw"])
+    assert f"the faster, {row['form']}, is the peer's figure" in record["_stdout"]
+
+
+@pytest.mark.skipif(not (HAS_JAX and HAS_TORCH), reason="needs both jax and torch")
+@pytest.mark.parametrize("loss, sizes, optimizer", [("cross_entropy", [5, 7, 3], "adam"),
+                                                     ("log_loss", [2, 8, 1], "momentum"), ("mse", [4, 6, 2], "sgd")])
+def test_peers_train_the_same_model_as_fastbp(loss, sizes, optimizer):
+    # same initial parameters, no shuffling, 23 rows in batches of 5 (a smaller last batch), float64:
+    # torch.optim, the hand-written JAX updates (both forms) and fastbp must follow one trajectory
+    rng = np.random.default_rng(0)
+    X = rng.random((23, sizes[0]))
+    Y = rng.integers(0, sizes[-1], 23) if loss == "cross_entropy" else (rng.random((23, sizes[-1])) > 0.5) * 1.0
+    p0 = peers.init_params(sizes, 1, "float64")
+    kw = dict(sizes=sizes, activation="tanh", loss=loss, X=X, Y=Y, batch_size=5, lr=0.05, epochs=3,
+              dtype="float64", shuffle=False, optimizer=optimizer, params=p0, return_params=True)
+    results = {"torch": peers.torch_throughput(**kw, warmup_batches=3)}
+    for form in peers.JAX_FORMS:
+        results[f"jax {form}"] = peers.jax_throughput(**kw, form=form)
+    with fb.use_backend("numpy"):
+        net = fb.MLP(sizes, activation="tanh", loss=loss, dtype="float64", seed=0)
+        net.set_params([w for w, _ in p0], [b for _, b in p0])
+        history = net.fit(X, Y, epochs=3, batch_size=5, shuffle=False, progress=False,
+                          **fit_kwargs(net, OptimizerSpec.make(optimizer, 0.05), first=True))
+        weights, biases = net.get_params()
+    mine = [(fb.to_numpy(w), fb.to_numpy(b)) for w, b in zip(weights, biases)]
+    moved = max(np.abs(w - w0).max() for (w, _), (w0, _) in zip(mine, p0))
+    assert moved > 1e-3  # training changed the parameters, so agreeing below means something
+    for name, res in results.items():
+        for (w, b), (pw, pb) in zip(mine, res["params"]):
+            np.testing.assert_allclose(pw, w, rtol=0, atol=1e-12, err_msg=name)
+            np.testing.assert_allclose(pb, b, rtol=0, atol=1e-12, err_msg=name)
+        assert res["final_loss"] == pytest.approx(history[-1], rel=1e-12), name
+
+
+def test_peer_functions_reject_bad_arguments():
+    X, Y = np.zeros((4, 3)), np.zeros((4, 2))
+    args = dict(sizes=[3, 2], activation="relu", loss="mse", X=X, Y=Y, batch_size=2, lr=0.1, epochs=1)
+    with pytest.raises(ValueError, match="form='loop'"):
+        peers.jax_throughput(**args, form="loop")
+    with pytest.raises(ValueError, match="optimizer='lbfgs'"):
+        peers.sklearn_mlp_fit(**args, optimizer="lbfgs")
+    with pytest.raises(ValueError, match=r"params: .* W \(2, 3\)"):
+        peers.torch_throughput(**args, params=[(np.zeros((3, 2)), np.zeros(2))])
+    with pytest.raises(ValueError, match="X must have shape"):
+        peers.torch_throughput(**(args | {"X": np.zeros((4, 5))}))
 
 
 def test_info_lists_every_backend():

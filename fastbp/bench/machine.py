@@ -14,13 +14,14 @@ import platform
 import shutil
 import subprocess
 import sys
-from typing import Any
+import time
+from typing import Any, Callable
 
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
-                   "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "FASTBP_BACKEND", "CUDA_VISIBLE_DEVICES")
+                   "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "XLA_FLAGS", "FASTBP_BACKEND", "CUDA_VISIBLE_DEVICES")
 # Distribution names whose versions are worth recording beside a figure.
-_DISTRIBUTIONS = ("numpy", "numba", "llvmlite", "threadpoolctl", "tqdm", "scikit-learn", "torch",
-                  "matplotlib", "pytest-benchmark")
+_DISTRIBUTIONS = ("numpy", "scipy", "numba", "llvmlite", "threadpoolctl", "tqdm", "scikit-learn", "torch",
+                  "jax", "jaxlib", "matplotlib", "pytest-benchmark")
 _CUPY_DISTRIBUTIONS = ("cupy", "cupy-cuda11x", "cupy-cuda12x", "cupy-cuda13x")
 
 
@@ -70,6 +71,85 @@ def own_cpu_seconds() -> float:
     """CPU-seconds used by this process and its finished (waited-for) children."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU-seconds (user + system) process ``pid`` has used so far (Linux /proc/PID/stat), None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state is field 3
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+class OthersMeter:
+    """How many cores' worth of work other processes did while the block ran (0.5 = half a core).
+
+    Other = the machine's busy CPU time minus this process's own (and its waited-for
+    children's) and minus the processes in ``exclude`` (a deliberate load, say).
+    ``cores`` is None where /proc/stat cannot be read.
+    """
+
+    def __init__(self, exclude: tuple[int, ...] = ()) -> None:
+        self.exclude = tuple(exclude)
+        self.cores: float | None = None
+
+    def _excluded(self) -> float:
+        return sum(process_cpu_seconds(pid) or 0.0 for pid in self.exclude)
+
+    def __enter__(self) -> "OthersMeter":
+        self._t, self._busy = time.perf_counter(), cpu_busy_seconds()
+        self._own, self._ex = own_cpu_seconds(), self._excluded()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        wall = max(time.perf_counter() - self._t, 1e-3)
+        busy = cpu_busy_seconds()
+        if busy is not None and self._busy is not None:
+            mine = (own_cpu_seconds() - self._own) + (self._excluded() - self._ex)
+            self.cores = max(0.0, (busy - self._busy) - mine) / wall
+        return False
+
+
+def wait_for_quiet(threshold: float = 0.15, max_s: float = 180.0, exclude: tuple[int, ...] = (),
+                   say: Callable[[str], None] | None = print) -> float:
+    """Wait (at most ``max_s``) for a 1 s window in which other processes use < ``threshold`` cores.
+
+    Returns the seconds waited; ``say`` (print by default) reports each busy window.
+    """
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < max_s:
+        with OthersMeter(exclude) as meter:
+            time.sleep(1.0)
+        if meter.cores is None or meter.cores < threshold:
+            break
+        if say is not None:
+            say(f"  (machine busy: other processes use {meter.cores:.2f} cores; waiting)")
+    return time.perf_counter() - t0
+
+
+def busy_processes(min_pcpu: float = 5.0, limit: int = 10) -> list[str]:
+    """Other processes using CPU now (``ps``), so a reader of a record can judge the load."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu"], capture_output=True,
+                             text=True, timeout=5).stdout.splitlines()[1:]
+    except (OSError, subprocess.SubprocessError):
+        return []
+    me, busy = str(os.getpid()), []
+    for line in out:
+        parts = line.split(None, 2)
+        try:
+            if parts[0] != me and float(parts[1]) >= min_pcpu:
+                busy.append(line.strip()[:160])
+        except (IndexError, ValueError):
+            continue
+    return busy[:limit]
+
+
+def load_snapshot(label: str) -> dict[str, Any]:
+    """The load averages and the busiest other processes now, labelled ``label``."""
+    return {"when": label, "load_average": load_average(), "busy_processes": busy_processes()}
 
 
 def blas_info() -> list[dict[str, Any]]:

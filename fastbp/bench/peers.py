@@ -1,33 +1,48 @@
-"""The same training on peer libraries, for benchmarks: PyTorch (eager) and scikit-learn.
+"""The same training on peer libraries, for benchmarks: PyTorch (eager), JAX (jit) and scikit-learn.
 
 Each function trains the model fastbp trains -- dense layers ``sizes``, the hidden
-activation ``activation``, the loss's natural output, plain SGD (no momentum, no weight
-decay, constant learning rate) on the mean cost of each mini-batch -- on the data given,
-and reports how long it took. Both shuffle the examples every epoch, as ``MLP.fit`` does.
+activation ``activation``, the loss's natural output -- with the optimizer named by
+``optimizer`` ("sgd" | "momentum" | "adam", torch.optim's formulas, no weight decay,
+constant learning rate; see :mod:`fastbp.bench.optimizer`) on the mean cost of each
+mini-batch, on the data given, and reports how long it took. Each shuffles the
+examples every epoch, as ``MLP.fit`` does.
 
-* :func:`torch_sgd_throughput` -- ``nn.Sequential`` of ``nn.Linear`` + activation modules,
-  ``torch.optim.SGD(lr, momentum=0)``, the loss from the logits (``cross_entropy``:
-  ``F.cross_entropy``; ``log_loss``: BCE-with-logits summed over outputs; ``mse``:
-  ``1/2 sum_j (a_j - y_j)^2``), each the mean over the batch, exactly fastbp's costs.
+* :func:`torch_throughput` -- ``nn.Sequential`` of ``nn.Linear`` + activation modules and the
+  ``torch.optim`` optimizer; the loss from the logits (``cross_entropy``: ``F.cross_entropy``;
+  ``log_loss``: BCE-with-logits summed over outputs; ``mse``: ``1/2 sum_j (a_j - y_j)^2``),
+  each the mean over the batch, exactly fastbp's costs.
+* :func:`jax_throughput` -- the same model and costs as pure functions under ``jax.jit``, in
+  one of two forms: ``"jit"``, one jitted step per batch called from a Python loop, and
+  ``"scan"``, the whole epoch (shuffle, every batch, the update) one jitted ``lax.scan``.
+  Compile time is measured apart (the first call minus a steady one) and excluded.
 * :func:`sklearn_mlp_fit` -- ``MLPClassifier`` (``cross_entropy``, ``log_loss``) or
-  ``MLPRegressor`` (``mse``) with ``solver="sgd"``, ``momentum=0``, ``alpha=0``.
+  ``MLPRegressor`` (``mse``) with ``alpha=0`` and the optimizer's own solver.
 
-torch and scikit-learn are imported inside the functions, never by ``import fastbp``;
-a missing one raises ImportError naming the pip command. Both functions accept the
+torch, jax and scikit-learn are imported inside the functions, never by ``import fastbp``;
+a missing one raises ImportError naming the pip command. Every function accepts the
 keyword arguments ``fastbp bench --peers`` passes (sizes, activation, loss, X, Y,
-batch_size, lr, epochs, dtype, seed, threads) and return a dict with ``samples_per_s``
-and ``seconds``.
+batch_size, lr, epochs, dtype, threads, seed, optimizer, momentum) and returns a dict
+with ``samples_per_s`` and ``seconds``. ``params`` (a list of ``(W, b)`` NumPy pairs, ``W``
+of shape (n_out, n_in)) starts torch and JAX from given parameters, and ``return_params``
+returns the trained ones, so their trajectories can be compared step by step.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import warnings
 
 import numpy as np
 
+from .optimizer import DEFAULT_MOMENTUM, OptimizerSpec
+
 _DEFAULT_OUTPUT = {"mse": "identity", "log_loss": "sigmoid", "cross_entropy": "softmax"}
 _SKLEARN_ACTIVATION = {"sigmoid": "logistic", "relu": "relu", "tanh": "tanh", "identity": "identity"}
+_ACTIVATIONS = ("sigmoid", "relu", "tanh", "leaky_relu", "identity")
+JAX_FORMS = ("jit", "scan")
+_JAX_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false"
 
 
 def _import(name: str, pip: str):
@@ -44,12 +59,27 @@ def _labels(Y) -> np.ndarray:
     return Y.argmax(axis=1) if Y.ndim == 2 else Y.astype(np.int64)
 
 
-def _check_common(sizes, loss, X, batch_size, epochs):
+def _targets(loss: str, Y, n: int, n_out: int, dtype: str) -> np.ndarray:
+    """Targets as a float (n, n_out) array: one-hot rows for cross_entropy."""
+    if loss == "cross_entropy":
+        labels = _labels(Y)
+        out = np.zeros((n, n_out), dtype=dtype)
+        out[np.arange(n), labels] = 1
+        return out
+    return np.ascontiguousarray(np.asarray(Y, dtype=dtype).reshape(n, -1))
+
+
+def _check_common(sizes, activation, loss, X, batch_size, epochs, dtype):
     sizes = [int(s) for s in sizes]
     if len(sizes) < 2:
         raise ValueError(f"sizes needs at least two entries. Received: sizes={sizes!r}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation. Received: activation={activation!r}. Expected one of "
+                         f"{list(_ACTIVATIONS)}")
     if loss not in _DEFAULT_OUTPUT:
         raise ValueError(f"unknown loss. Received: loss={loss!r}. Expected one of {sorted(_DEFAULT_OUTPUT)}")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64'. Received: dtype={dtype!r}")
     X = np.asarray(X)
     if X.ndim != 2 or X.shape[1] != sizes[0]:
         raise ValueError(f"X must have shape (n_samples, {sizes[0]}). Received: shape {X.shape}")
@@ -57,12 +87,38 @@ def _check_common(sizes, loss, X, batch_size, epochs):
     batch = n if batch_size is None else max(1, min(int(batch_size), n))
     if int(epochs) < 1:
         raise ValueError(f"epochs must be >= 1. Received: epochs={epochs!r}")
-    return sizes, X, n, batch, int(epochs)
+    return sizes, np.ascontiguousarray(X, dtype=dtype), n, batch, int(epochs)
 
 
-def torch_sgd_throughput(sizes, activation, loss, X, Y, batch_size, lr, epochs, dtype="float32",
-                         threads=None, *, seed=0, shuffle=True, warmup_batches=10) -> dict:
-    """Train an MLP with PyTorch eager on the CPU, plain SGD, and time it.
+def init_params(sizes, seed: int = 0, dtype: str = "float32") -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(W, b)`` per layer drawn as ``nn.Linear`` does: uniform in +-1/sqrt(n_in), seeded."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        bound = 1.0 / np.sqrt(fan_in)
+        out.append((rng.uniform(-bound, bound, (fan_out, fan_in)).astype(dtype),
+                    rng.uniform(-bound, bound, fan_out).astype(dtype)))
+    return out
+
+
+def _check_params(params, sizes, dtype) -> list[tuple[np.ndarray, np.ndarray]]:
+    if len(params) != len(sizes) - 1:
+        raise ValueError(f"params needs one (W, b) pair per layer. Received: {len(params)} pairs for sizes {sizes}")
+    out = []
+    for (W, b), fan_in, fan_out in zip(params, sizes[:-1], sizes[1:]):
+        W, b = np.asarray(W, dtype=dtype), np.asarray(b, dtype=dtype)
+        if W.shape != (fan_out, fan_in) or b.shape != (fan_out,):
+            raise ValueError(f"params: a layer {fan_in} -> {fan_out} needs W {(fan_out, fan_in)} and b "
+                             f"{(fan_out,)}. Received: W {W.shape}, b {b.shape}")
+        out.append((W.copy(), b.copy()))
+    return out
+
+
+# ---------------------------------------------------------------------------- PyTorch
+def torch_throughput(sizes, activation, loss, X, Y, batch_size, lr, epochs, dtype="float32", threads=None, *,
+                     seed=0, shuffle=True, optimizer="sgd", momentum=DEFAULT_MOMENTUM, warmup_batches=10,
+                     params=None, return_params=False) -> dict:
+    """Train an MLP with PyTorch eager on the CPU and time it.
 
     Parameters
     ----------
@@ -74,30 +130,31 @@ def torch_sgd_throughput(sizes, activation, loss, X, Y, batch_size, lr, epochs, 
     Y : array of shape (n_samples, n_outputs) (one-hot for cross_entropy), or integer
         labels of shape (n_samples,) for cross_entropy.
     batch_size : int or None (full batch).
-    lr : float, the SGD learning rate.
+    lr : float, the learning rate.
     epochs : int, timed epochs over ``X``.
     dtype : "float32" or "float64".
     threads : int or None, ``torch.set_num_threads`` for the run (restored after);
         None keeps torch's default (one per core).
     seed : int, seeds the initialisation and the shuffles.
     shuffle : bool, a fresh permutation of the examples every epoch (as ``MLP.fit``).
+    optimizer : {"sgd", "momentum", "adam"}; momentum : float, for "momentum".
     warmup_batches : int, untimed steps first (torch's lazy initialisation), after which
         the model and optimizer are reset to their initial state.
+    params : list of ``(W, b)`` or None, the initial parameters (None: torch's own init).
+    return_params : bool, add the trained ``params`` to the result.
 
     Returns
     -------
     dict with ``samples_per_s``, ``seconds`` (the timed epochs), ``final_loss`` (the mean
     pre-update cost of the last epoch, as ``MLP.fit``'s history), ``epochs``,
-    ``n_samples``, ``batch_size``, ``threads``, ``torch`` (version).
+    ``n_samples``, ``batch_size``, ``threads``, ``optimizer``, ``torch`` (version).
     """
+    sizes, X, n, batch, epochs = _check_common(sizes, activation, loss, X, batch_size, epochs, dtype)
+    spec = OptimizerSpec.make(optimizer, lr, momentum)
+    init = None if params is None else _check_params(params, sizes, dtype)
     torch = _import("torch", "torch")
-    sizes, X, n, batch, epochs = _check_common(sizes, loss, X, batch_size, epochs)
-    if dtype not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64'. Received: dtype={dtype!r}")
     act = {"sigmoid": torch.nn.Sigmoid, "relu": torch.nn.ReLU, "tanh": torch.nn.Tanh,
            "identity": torch.nn.Identity, "leaky_relu": lambda: torch.nn.LeakyReLU(0.01)}
-    if activation not in act:
-        raise ValueError(f"unknown activation. Received: activation={activation!r}. Expected one of {sorted(act)}")
     F = torch.nn.functional
 
     previous_threads = torch.get_num_threads()
@@ -106,23 +163,28 @@ def torch_sgd_throughput(sizes, activation, loss, X, Y, batch_size, lr, epochs, 
     try:
         torch.manual_seed(seed)
         tdtype = torch.float32 if dtype == "float32" else torch.float64
-        layers = []
+        layers, linears = [], []
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-            layers.append(torch.nn.Linear(fan_in, fan_out, dtype=tdtype))
+            linears.append(torch.nn.Linear(fan_in, fan_out, dtype=tdtype))
+            layers.append(linears[-1])
             if i < len(sizes) - 2:
                 layers.append(act[activation]())
         model = torch.nn.Sequential(*layers)
-        opt = torch.optim.SGD(model.parameters(), lr=float(lr), momentum=0.0, weight_decay=0.0)
+        if init is not None:
+            with torch.no_grad():
+                for lin, (W, b) in zip(linears, init):
+                    lin.weight.copy_(torch.from_numpy(W))
+                    lin.bias.copy_(torch.from_numpy(b))
+        opt = spec.torch(torch, model.parameters())
 
-        Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=dtype))
+        Xt = torch.from_numpy(X)
         if loss == "cross_entropy":
             Yt = torch.from_numpy(_labels(Y).astype(np.int64))
 
             def cost(out, y):  # mean over the batch of -log softmax(z)_y
                 return F.cross_entropy(out, y)
         else:
-            Ynp = np.asarray(Y, dtype=dtype)
-            Yt = torch.from_numpy(np.ascontiguousarray(Ynp.reshape(n, -1)))
+            Yt = torch.from_numpy(_targets(loss, Y, n, sizes[-1], dtype))
             if loss == "log_loss":
                 def cost(out, y):  # sum over outputs, mean over the batch
                     return F.binary_cross_entropy_with_logits(out, y, reduction="sum") / out.shape[0]
@@ -157,27 +219,229 @@ def torch_sgd_throughput(sizes, activation, loss, X, Y, batch_size, lr, epochs, 
                 xb, yb = Xe[lo:lo + batch], Ye[lo:lo + batch]
                 total.add_(step(xb, yb).detach(), alpha=xb.shape[0])  # the epoch's summed cost
         seconds = time.perf_counter() - t0
-        return {"samples_per_s": n * epochs / seconds, "seconds": seconds,
-                "final_loss": float(total) / n, "epochs": epochs, "n_samples": n,
-                "batch_size": batch, "threads": torch.get_num_threads(), "dtype": dtype,
-                "torch": torch.__version__}
+        result = {"samples_per_s": n * epochs / seconds, "seconds": seconds,
+                  "final_loss": float(total) / n, "epochs": epochs, "n_samples": n,
+                  "batch_size": batch, "threads": torch.get_num_threads(), "dtype": dtype,
+                  "optimizer": spec.describe(), "torch": torch.__version__}
+        if return_params:
+            result["params"] = [(lin.weight.detach().numpy().copy(), lin.bias.detach().numpy().copy())
+                                for lin in linears]
+        return result
     finally:
         torch.set_num_threads(previous_threads)
 
 
+# ---------------------------------------------------------------------------- JAX
+def _import_jax(threads):
+    """jax, with XLA's CPU pool cut to one thread when asked and jax is not imported yet.
+
+    XLA reads its flags once, at import, and has a switch for one thread only
+    (``--xla_cpu_multi_thread_eigen=false``); returns ``(jax, note)``, the note saying
+    which thread setting is in effect.
+    """
+    if "jax" not in sys.modules and threads is not None and int(threads) == 1:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if _JAX_ONE_THREAD not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} {_JAX_ONE_THREAD}".strip()
+    jax = _import("jax", "jax")
+    one = _JAX_ONE_THREAD in os.environ.get("XLA_FLAGS", "")
+    if threads is None:
+        note = "1 (XLA_FLAGS)" if one else "XLA's default pool (one thread per core)"
+    elif int(threads) == 1:
+        note = "1 (XLA_FLAGS)" if one else "not applied: jax was imported before threads=1 was asked"
+    else:
+        note = f"not applied: XLA has no setting for {threads} threads; its default pool" + (
+            " is cut to 1 by XLA_FLAGS" if one else "")
+    return jax, note
+
+
+_JAX_FUNCTIONS: dict[tuple, dict] = {}  # jitted functions per model / optimizer / form, reused across calls
+_JAX_COMPILE_S: dict[tuple, float] = {}  # compile seconds per (functions, data shapes) already run
+
+
+def _jax_functions(jax, sizes, activation, loss, batch, shuffle, spec: OptimizerSpec, form: str, seed: int):
+    key = (tuple(sizes), activation, loss, batch, shuffle, spec, form, seed)
+    if key in _JAX_FUNCTIONS:
+        return key, _JAX_FUNCTIONS[key]
+    jnp, lax = jax.numpy, jax.lax
+    phi = {"sigmoid": jax.nn.sigmoid, "relu": jax.nn.relu, "tanh": jnp.tanh, "identity": lambda z: z,
+           "leaky_relu": lambda z: jax.nn.leaky_relu(z, 0.01)}[activation]
+    opt_init, opt_update = spec.jax(jnp)
+    n_layers = len(sizes) - 1
+
+    def cost(params, xb, yb):
+        a = xb
+        for layer in range(n_layers):
+            z = a @ params[2 * layer].T + params[2 * layer + 1]
+            a = phi(z) if layer < n_layers - 1 else z
+        if loss == "cross_entropy":
+            return -jnp.sum(yb * jax.nn.log_softmax(a, axis=-1)) / xb.shape[0]
+        if loss == "log_loss":  # -[y log s(z) + (1 - y) log(1 - s(z))] = softplus(z) - y z
+            return jnp.sum(jax.nn.softplus(a) - yb * a) / xb.shape[0]
+        return 0.5 * jnp.sum((a - yb) ** 2) / xb.shape[0]
+
+    value_and_grad = jax.value_and_grad(cost)
+
+    def grad_step(params, state, xb, yb):
+        value, grads = value_and_grad(params, xb, yb)
+        params, state = opt_update(params, grads, state)
+        return params, state, value
+
+    base_key = jax.random.PRNGKey(seed)
+
+    def shuffled(X, Y, epoch):
+        if not shuffle:
+            return X, Y
+        perm = jax.random.permutation(jax.random.fold_in(base_key, epoch), X.shape[0])
+        return X[perm], Y[perm]
+
+    fns: dict = {"init": opt_init}
+    if form == "scan":
+        def epoch_fn(params, state, X, Y, epoch):
+            n = X.shape[0]
+            n_full, rem = divmod(n, batch)
+            Xe, Ye = shuffled(X, Y, epoch)
+            xs = Xe[:n_full * batch].reshape(n_full, batch, X.shape[1])
+            ys = Ye[:n_full * batch].reshape(n_full, batch, Y.shape[1])
+
+            def body(carry, xy):
+                p, s, v = grad_step(carry[0], carry[1], xy[0], xy[1])
+                return (p, s), v
+
+            (params, state), values = lax.scan(body, (params, state), (xs, ys))
+            total = jnp.sum(values) * batch
+            if rem:  # the last, smaller batch, as MLP.fit takes it
+                params, state, v = grad_step(params, state, Xe[n_full * batch:], Ye[n_full * batch:])
+                total = total + v * rem
+            return params, state, total
+
+        fns["epoch"] = jax.jit(epoch_fn, donate_argnums=(0, 1))
+    else:
+        # Each step also adds its summed cost to the epoch's total, on the device: no extra dispatch.
+        def step_fn(params, state, total, Xe, Ye, i):
+            xb = lax.dynamic_slice_in_dim(Xe, i * batch, batch)
+            yb = lax.dynamic_slice_in_dim(Ye, i * batch, batch)
+            params, state, v = grad_step(params, state, xb, yb)
+            return params, state, total + v * batch
+
+        def tail_fn(params, state, total, Xe, Ye):
+            n_full = Xe.shape[0] // batch
+            params, state, v = grad_step(params, state, Xe[n_full * batch:], Ye[n_full * batch:])
+            return params, state, total + v * (Xe.shape[0] - n_full * batch)
+
+        fns["shuffle"] = jax.jit(shuffled)
+        fns["step"] = jax.jit(step_fn, donate_argnums=(0, 1, 2))
+        fns["tail"] = jax.jit(tail_fn, donate_argnums=(0, 1, 2))
+    _JAX_FUNCTIONS[key] = fns
+    return key, fns
+
+
+def jax_throughput(sizes, activation, loss, X, Y, batch_size, lr, epochs, dtype="float32", threads=None, *,
+                   seed=0, shuffle=True, optimizer="sgd", momentum=DEFAULT_MOMENTUM, form="scan",
+                   params=None, return_params=False) -> dict:
+    """Train an MLP with JAX (``jax.jit``, on its default device: the CPU here) and time it.
+
+    ``form="jit"``: one jitted training step per batch (forward, gradient, update; the batch
+    cut from the epoch's shuffled arrays on the device), called from a Python loop; each
+    epoch's shuffle is one jitted gather. ``form="scan"``: the whole epoch one jitted call, a
+    ``lax.scan`` over the batches (and one more step for a last, smaller batch). Parameters
+    and optimizer state are donated to each call, so XLA updates them in place.
+
+    The jitted functions are built once per model, optimizer and form and reused by later
+    calls; the first run at a data shape compiles, and is timed apart: ``compile_s`` is that
+    first call minus a steady one, never part of ``seconds``. Dispatch is asynchronous, so
+    the timed region ends with ``block_until_ready`` on the results.
+
+    Parameters are as :func:`torch_throughput`'s (``threads``: 1 cuts XLA's pool to one
+    thread if jax is not imported yet; ``threads_note`` in the result says what applied),
+    plus ``form``. A float64 run turns on ``jax_enable_x64`` for the process.
+
+    Returns
+    -------
+    dict with ``samples_per_s``, ``seconds``, ``compile_s``, ``compiled_now`` (whether this
+    call compiled), ``final_loss``, ``form``, ``epochs``, ``n_samples``, ``batch_size``,
+    ``optimizer``, ``threads_note``, ``device``, ``jax`` (version).
+    """
+    if form not in JAX_FORMS:
+        raise ValueError(f"unknown form. Received: form={form!r}. Expected one of {list(JAX_FORMS)}")
+    sizes, X, n, batch, epochs = _check_common(sizes, activation, loss, X, batch_size, epochs, dtype)
+    spec = OptimizerSpec.make(optimizer, lr, momentum)
+    init = init_params(sizes, seed, dtype) if params is None else _check_params(params, sizes, dtype)
+    jax, threads_note = _import_jax(threads)
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        jax.config.update("jax_enable_x64", True)
+    jnp = jax.numpy
+    key, fns = _jax_functions(jax, sizes, activation, loss, batch, bool(shuffle), spec, form, int(seed))
+    Xd = jax.device_put(X)
+    Yd = jax.device_put(_targets(loss, Y, n, sizes[-1], dtype))
+    n_full, rem = divmod(n, batch)
+
+    def fresh():
+        flat = [jnp.asarray(a) for pair in init for a in pair]
+        return flat, fns["init"](flat)
+
+    def run(params, state, n_epochs, first_epoch=0):
+        """``n_epochs`` epochs; returns the new params, state and each epoch's summed cost (on the device)."""
+        losses = []
+        for e in range(first_epoch, first_epoch + n_epochs):
+            if form == "scan":
+                params, state, total = fns["epoch"](params, state, Xd, Yd, e)
+                losses.append(total)
+            else:
+                Xe, Ye = fns["shuffle"](Xd, Yd, e)
+                total = jnp.zeros((), X.dtype)
+                for i in range(n_full):
+                    params, state, total = fns["step"](params, state, total, Xe, Ye, i)
+                if rem:
+                    params, state, total = fns["tail"](params, state, total, Xe, Ye)
+                losses.append(total)
+        return params, state, losses
+
+    shapes = (key, X.shape, X.dtype.str)
+    compiled_now = shapes not in _JAX_COMPILE_S
+    if compiled_now:  # the first epoch compiles; a second one is the steady reference
+        params_, state_ = fresh()
+        t0 = time.perf_counter()
+        params_, state_, warm = run(params_, state_, 1)
+        jax.block_until_ready((params_, warm))
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        params_, state_, warm = run(params_, state_, 1, 1)
+        jax.block_until_ready((params_, warm))
+        _JAX_COMPILE_S[shapes] = max(0.0, first - (time.perf_counter() - t0))
+    params_, state_ = fresh()
+    jax.block_until_ready(params_)
+    t0 = time.perf_counter()
+    params_, state_, losses = run(params_, state_, epochs)
+    jax.block_until_ready((params_, losses))
+    seconds = time.perf_counter() - t0
+    result = {"samples_per_s": n * epochs / seconds, "seconds": seconds, "compile_s": _JAX_COMPILE_S[shapes],
+              "compiled_now": compiled_now, "final_loss": float(losses[-1]) / n, "form": form, "epochs": epochs,
+              "n_samples": n, "batch_size": batch, "dtype": dtype, "optimizer": spec.describe(),
+              "threads_note": threads_note, "device": str(jax.devices()[0]), "jax": jax.__version__}
+    if return_params:
+        host = [np.asarray(a) for a in params_]
+        result["params"] = [(host[2 * i], host[2 * i + 1]) for i in range(len(host) // 2)]
+    return result
+
+
+# ---------------------------------------------------------------------------- scikit-learn
 def sklearn_mlp_fit(sizes, activation, loss, X, Y, batch_size, lr, epochs, dtype="float32", threads=None, *,
-                    seed=0, X_test=None, Y_test=None, shuffle=True) -> dict:
-    """Train scikit-learn's MLP with plain SGD (same architecture, loss, lr) and time ``fit``.
+                    seed=0, optimizer="sgd", momentum=DEFAULT_MOMENTUM, X_test=None, Y_test=None,
+                    shuffle=True) -> dict:
+    """Train scikit-learn's MLP (same architecture, loss, optimizer, lr) and time ``fit``.
 
     ``MLPClassifier`` for ``cross_entropy`` (softmax output; for two classes scikit-learn uses
     one logistic unit instead) and ``log_loss`` (independent sigmoid outputs); ``MLPRegressor``
     for ``mse`` with an identity output. scikit-learn's squared error is also averaged over
-    the outputs, so its learning rate is ``lr * n_outputs`` to make the same updates.
-    Settings: ``solver="sgd"``, ``momentum=0``, ``nesterovs_momentum=False``, ``alpha=0``,
-    ``learning_rate="constant"``, ``max_iter=epochs`` with early stopping off (``tol=0``,
-    ``n_iter_no_change > epochs``), so exactly ``epochs`` epochs run.
+    the outputs, so for SGD its learning rate is ``lr * n_outputs`` to make the same updates
+    (Adam's steps do not depend on the gradient's scale). Settings: ``alpha=0``,
+    ``learning_rate="constant"``, ``solver`` and its parameters from the optimizer,
+    ``max_iter=epochs`` with early stopping off (``tol=0``, ``n_iter_no_change > epochs``),
+    so exactly ``epochs`` epochs run. scikit-learn's Adam adds ``eps`` to the bias-corrected
+    ``sqrt(v)`` in a slightly different place than torch; the same rule otherwise.
 
-    Parameters are as :func:`torch_sgd_throughput`'s (``activation`` has no leaky_relu in
+    Parameters are as :func:`torch_throughput`'s (``activation`` has no leaky_relu in
     scikit-learn); ``threads`` caps BLAS/OpenMP threads through threadpoolctl for the fit.
     ``X_test``, ``Y_test`` (optional) give the accuracy (classifiers) or R^2 (regressor)
     reported; without them it is measured on the training data.
@@ -186,33 +450,34 @@ def sklearn_mlp_fit(sizes, activation, loss, X, Y, batch_size, lr, epochs, dtype
     -------
     dict with ``seconds`` (``fit`` alone, untimed warm-up fit first), ``samples_per_s``,
     ``accuracy`` (or ``r2``), ``final_loss`` (scikit-learn's ``loss_``), ``epochs``,
-    ``n_samples``, ``batch_size``, ``sklearn`` (version).
+    ``n_samples``, ``batch_size``, ``optimizer``, ``sklearn`` (version).
     """
+    sizes, X, n, batch, epochs = _check_common(sizes, activation, loss, X, batch_size, epochs, dtype)
+    if activation not in _SKLEARN_ACTIVATION:
+        raise ValueError(f"scikit-learn's MLP has no {activation!r} activation. Received: "
+                         f"activation={activation!r}. Expected one of {sorted(_SKLEARN_ACTIVATION)}")
+    spec = OptimizerSpec.make(optimizer, lr, momentum)
     sklearn = _import("sklearn", "scikit-learn")
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier, MLPRegressor
 
-    sizes, X, n, batch, epochs = _check_common(sizes, loss, X, batch_size, epochs)
-    if activation not in _SKLEARN_ACTIVATION:
-        raise ValueError(f"scikit-learn's MLP has no {activation!r} activation. "
-                         f"Expected one of {sorted(_SKLEARN_ACTIVATION)}")
-    X = np.ascontiguousarray(X, dtype=dtype)
     common = dict(hidden_layer_sizes=tuple(sizes[1:-1]), activation=_SKLEARN_ACTIVATION[activation],
-                  solver="sgd", momentum=0.0, nesterovs_momentum=False, alpha=0.0,
-                  learning_rate="constant", batch_size=batch, max_iter=epochs, shuffle=shuffle,
-                  tol=0.0, n_iter_no_change=epochs + 1, early_stopping=False, random_state=seed)
+                  alpha=0.0, learning_rate="constant", batch_size=batch, max_iter=epochs, shuffle=shuffle,
+                  tol=0.0, n_iter_no_change=epochs + 1, early_stopping=False, random_state=seed,
+                  **spec.sklearn())
     if loss == "mse":
         Yfit = np.asarray(Y, dtype=dtype).reshape(n, -1)
         k = Yfit.shape[1]
         Yfit = Yfit[:, 0] if k == 1 else Yfit
-        make = lambda: MLPRegressor(learning_rate_init=float(lr) * k, **common)  # noqa: E731
+        scale = 1 if spec.name == "adam" else k
+        make = lambda: MLPRegressor(learning_rate_init=spec.lr * scale, **common)  # noqa: E731
     elif loss == "cross_entropy":
         Yfit = _labels(Y)
-        make = lambda: MLPClassifier(learning_rate_init=float(lr), **common)  # noqa: E731
+        make = lambda: MLPClassifier(learning_rate_init=spec.lr, **common)  # noqa: E731
     else:  # log_loss: independent sigmoid outputs (a multilabel problem), or one binary label
         Yfit = np.asarray(Y).reshape(n, -1).astype(np.int64)
         Yfit = Yfit[:, 0] if Yfit.shape[1] == 1 else Yfit
-        make = lambda: MLPClassifier(learning_rate_init=float(lr), **common)  # noqa: E731
+        make = lambda: MLPClassifier(learning_rate_init=spec.lr, **common)  # noqa: E731
 
     from contextlib import nullcontext
 
@@ -232,7 +497,8 @@ def sklearn_mlp_fit(sizes, activation, loss, X, Y, batch_size, lr, epochs, dtype
         seconds = time.perf_counter() - t0
 
     result = {"seconds": seconds, "samples_per_s": n * model.n_iter_ / seconds, "final_loss": float(model.loss_),
-              "epochs": int(model.n_iter_), "n_samples": n, "batch_size": batch, "sklearn": sklearn.__version__}
+              "epochs": int(model.n_iter_), "n_samples": n, "batch_size": batch, "optimizer": spec.describe(),
+              "sklearn": sklearn.__version__}
     Xe = X if X_test is None else np.ascontiguousarray(X_test, dtype=dtype)
     Ye = Y if Y_test is None else Y_test
     if loss == "mse":

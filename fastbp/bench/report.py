@@ -2,6 +2,7 @@
 
 Everything here reads the record :func:`fastbp.bench.run` returns (or a saved
 JSON of one), so ``fastbp report FILE.json`` prints a past run exactly as it was.
+Records written before a key existed (optimizer, contended, JAX forms) print without it.
 """
 
 from __future__ import annotations
@@ -13,12 +14,22 @@ import os
 from typing import Any
 
 from . import machine
-from .runner import _jsonable, _si
+from .config import jsonable
 
 LARGE_BATCH = 256  # from here on a training step is GEMM-bound enough for a FLOP rate to mean something
 
 
 # ---------------------------------------------------------------------------- number formats
+def si(x: float | None) -> str:
+    """3 significant digits with a k/M/G suffix: 3.12k, 48.2k, 1.23M."""
+    if x is None or not math.isfinite(x):
+        return "-"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
 def _g3(x: float) -> str:
     """About 3 significant digits, never in exponent notation."""
     return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
@@ -82,6 +93,18 @@ def _row(rec: dict[str, Any], batch: int) -> dict[str, Any] | None:
     return next((r for r in rec.get("training", []) if r["batch_size"] == batch and "samples_per_s" in r), None)
 
 
+def _optimizer_label(result: dict[str, Any]) -> str:
+    """``sgd, lr 0.05`` / ``momentum 0.9, lr 0.05`` / ``adam (0.9, 0.999), lr 0.001``."""
+    opt = result.get("optimizer") or {"name": "sgd", "lr": result["config"]["lr"]}
+    extra = {"momentum": f" {opt.get('momentum')}", "adam": f" betas {tuple(opt.get('betas') or ())}"}
+    return f"{opt['name']}{extra.get(opt['name'], '')}, lr {opt['lr']}"
+
+
+def _peer_cell(row: dict[str, Any]) -> str:
+    """A peer's median samples/s, and its form where it has several (JAX: jit or scan)."""
+    return si(row["samples_per_s"]["median"]) + (f" ({row['form']})" if row.get("form") else "")
+
+
 # ---------------------------------------------------------------------------- the printed report
 def format_report(result: dict[str, Any]) -> str:
     """The human-readable report ``fastbp bench`` prints."""
@@ -89,7 +112,7 @@ def format_report(result: dict[str, Any]) -> str:
     sizes = "-".join(str(s) for s in cfg["sizes"])
     out: list[str] = []
     out.append(f"fastbp {result['fastbp_version']} bench: MLP {sizes}, {cfg['activation']} hidden, {cfg['loss']} "
-               f"loss, {cfg['dtype']}, {cfg['n_samples']} synthetic samples, lr {cfg['lr']}"
+               f"loss, {cfg['dtype']}, {cfg['n_samples']} synthetic samples, {_optimizer_label(result)}"
                + (" [quick]" if cfg.get("quick") else ""))
     src = result.get("source")
     if src:
@@ -139,13 +162,17 @@ def format_report(result: dict[str, Any]) -> str:
     if ok:
         gb = next(iter(ok.values()))["gradient"]["batch"]
         out.append("")
-        out.append(f"One gradient of the mean cost, batch {gb}: naive per-example loop vs vectorized pass")
+        graph = any("graph" in rec["gradient"] for rec in ok.values())
+        out.append(f"One gradient of the mean cost, batch {gb}: naive per-example loop vs vectorized pass"
+                   + (" (and the computation graph, fastbp.graph)" if graph else ""))
         rows = []
         for name, rec in ok.items():
             g = rec["gradient"]
-            rows.append([name, _fmt_time_spread(g["loop"]["seconds"]), _fmt_time_spread(g["vectorized"]["seconds"]),
-                         _fmt_x(g["speedup"]), f"{g['gflops']:.1f}", _pct(g)])
-        out += _table(["backend", "loop", "vectorized", "speedup", "GFLOP/s", "% matmul"], rows)
+            rows.append([name, _fmt_time_spread(g["loop"]["seconds"]), _fmt_time_spread(g["vectorized"]["seconds"])]
+                        + ([_fmt_time_spread(g["graph"]["seconds"]) if "graph" in g else "-"] if graph else [])
+                        + [_fmt_x(g["speedup"]), f"{g['gflops']:.1f}", _pct(g)])
+        out += _table(["backend", "loop", "vectorized"] + (["graph"] if graph else [])
+                      + ["speedup", "GFLOP/s", "% matmul"], rows)
 
     for name, rec in ok.items():
         out.append("")
@@ -159,7 +186,7 @@ def format_report(result: dict[str, Any]) -> str:
                 continue
             s = r["samples_per_s"]
             large = r["batch_size"] >= LARGE_BATCH
-            rows.append([label, _si(s["median"]), f"[{_si(s['min'])}-{_si(s['max'])}]",
+            rows.append([label, si(s["median"]), f"[{si(s['min'])}-{si(s['max'])}]",
                          f"{r['gflops']:.1f}" if large else "-", _pct(r) if large else "-",
                          _fmt_x(s["median"] / base["samples_per_s"]["median"]) if base else "-"])
         out += _table(["batch", "samples/s", "[min-max]", "GFLOP/s", "% matmul", "vs batch 1"], rows)
@@ -175,16 +202,23 @@ def format_report(result: dict[str, Any]) -> str:
             cells = [_batch_label(batch, cfg["n_samples"])]
             for _, rec, _ in columns:
                 row = _row(rec, batch)
-                cells.append(_si(row["samples_per_s"]["median"]) if row else "-")
+                cells.append(_peer_cell(row) if row else "-")
             rows.append(cells)
         out += _table(["batch"] + [title for _, _, title in columns], rows)
     for peer, rec in peers.items():
         if rec.get("status") != "ok":
             out.append(f"peer {peer}: {rec.get('status')}: {rec.get('reason') or rec.get('error')}")
-        else:
-            for r in rec["training"]:
-                if "error" in r:
-                    out.append(f"peer {peer}, batch {r['batch_size']}: FAILED: {r['error']}")
+            continue
+        for r in rec["training"]:
+            if "error" in r:
+                out.append(f"peer {peer}, batch {r['batch_size']}: FAILED: {r['error']}")
+            elif r.get("variants"):
+                forms = ", ".join(f"{form} {si(v['samples_per_s']['median'])}"
+                                  + (f" (compile {v['compile_s']:.2f} s)" if "compile_s" in v else "")
+                                  for form, v in r["variants"].items())
+                out.append(f"peer {peer}, batch {r['batch_size']}: {forms} samples/s; the faster, "
+                           f"{r['form']}, is the peer's figure (compile time excluded)")
+    out += _contended_lines(result)
 
     summary = result.get("summary", {})
     if summary:
@@ -199,6 +233,9 @@ def format_report(result: dict[str, Any]) -> str:
             ("vs numpy backend: loop gradient", "vs_numpy_gradient_loop", _fmt_x),
             ("vs numpy backend: per-example SGD", "vs_numpy_per_example_sgd", _fmt_x),
             ("vs numpy backend: best mini-batch", "vs_numpy_best", _fmt_x),
+            ("one gradient: computation graph time / vectorized time", "graph_vs_vectorized", _fmt_x),
+            ("under load: lowest fraction of quiet throughput", "contended_min_fraction",
+             lambda v: "-" if v is None else f"{100 * v:.0f}%"),
         ]
         rows = [[title] + [fmt(summary[c].get(key)) for c in cols]
                 for title, key, fmt in lines if any(summary[c].get(key) is not None for c in cols)]
@@ -206,6 +243,37 @@ def format_report(result: dict[str, Any]) -> str:
     out.append("")
     out.append(f"finished in {result['elapsed_s']:.1f} s")
     return "\n".join(out)
+
+
+def _contended_lines(result: dict[str, Any]) -> list[str]:
+    """The --contended table: each backend's and peer's throughput under load, as a share of quiet."""
+    cont = result.get("contended")
+    if not cont:
+        return []
+    load = cont["load"]
+    held = ", ".join("?" if c is None else f"{c:.2f}" for c in load.get("cores_held", []))
+    out = ["", f"Under load: the same runs beside {load['what']} (it held {held} cores); "
+               "throughput as a share of the quiet run (median over median)"]
+    fractions = cont.get("fractions", {})
+    if not fractions:
+        return out + ["  no figure ran both quiet and under load"]
+    cols = list(fractions)
+    batches = sorted({int(b) for f in fractions.values() for b in f["training"]})
+    n_samples = result["config"]["n_samples"]
+    rows = [[_batch_label(b, n_samples)] + [f"{100 * fractions[c]['training'][str(b)]:.0f}%"
+                                            if str(b) in fractions[c]["training"] else "-" for c in cols]
+            for b in batches]
+    for strategy in ("vectorized", "loop", "graph"):
+        key = f"gradient_{strategy}"
+        if any(key in fractions[c] for c in cols):
+            rows.append([f"gradient, {strategy}"] + [f"{100 * fractions[c][key]:.0f}%" if key in fractions[c] else "-"
+                                                    for c in cols])
+    out += _table(["batch"] + [c[5:] + " (peer)" if c.startswith("peer:") else c for c in cols], rows)
+    for where in ("backends", "peers"):
+        for name, rec in cont.get(where, {}).items():
+            if rec.get("status") == "error":
+                out.append(f"under load, {name}: FAILED: {rec.get('error')}")
+    return out
 
 
 # ---------------------------------------------------------------------------- Markdown
@@ -228,6 +296,10 @@ def format_markdown(result: dict[str, Any]) -> str:
                      + " | ".join(grad_cell(r, "loop") for _, r in cols) + " |")
         lines.append(f"| one gradient, batch {gb}: vectorized | "
                      + " | ".join(grad_cell(r, "vectorized") for _, r in cols) + " |")
+        if any("graph" in (r.get("gradient") or {}) for _, r in cols):
+            lines.append(f"| one gradient, batch {gb}: computation graph | "
+                         + " | ".join(grad_cell(r, "graph") if "graph" in (r.get("gradient") or {}) else "-"
+                                      for _, r in cols) + " |")
         lines.append("| **speedup, vectorized vs loop** | "
                      + " | ".join(f"**{_fmt_x(r['gradient']['speedup'])}**" if r.get("gradient") else "-"
                                   for _, r in cols) + " |")
@@ -237,14 +309,22 @@ def format_markdown(result: dict[str, Any]) -> str:
         cells = []
         for _, rec in cols:
             row = _row(rec, batch)
-            cells.append("-" if row is None else _si(row["samples_per_s"]["median"])
+            cells.append("-" if row is None else _peer_cell(row)
                          + (f" ({_pct(row)})" if batch >= LARGE_BATCH and row.get("pct_of_matmul") else ""))
         lines.append(f"| training samples/s, {label} | " + " | ".join(cells) + " |")
+    fractions = (result.get("contended") or {}).get("fractions")
+    if fractions:
+        keys = [n if "(peer)" not in n else f"peer:{n[:-7]}" for n, _ in cols]
+        lines.append("| under load (one busy process): lowest share of quiet throughput | "
+                     + " | ".join(f"{100 * fractions[k]['min_training']:.0f}%" if "min_training" in fractions.get(k, {})
+                                  else "-" for k in keys) + " |")
     peak = result["matmul_peak"].get("cpu")
     load = mach.get("load_average") or []
     notes = [
-        f"MLP {sizes}, {cfg['activation']}/{cfg['loss']}, {cfg['dtype']}, {cfg['n_samples']} synthetic samples; "
-        f"median of {cfg['repeat']} timed repeats after warm-up.",
+        f"MLP {sizes}, {cfg['activation']}/{cfg['loss']}, {cfg['dtype']}, {cfg['n_samples']} synthetic samples, "
+        f"{_optimizer_label(result)}; median of {cfg['repeat']} timed repeats after warm-up"
+        + ("; JAX: the faster of its per-step jit and whole-epoch scan forms, compile time excluded"
+           if "jax" in ok_peers else "") + ".",
         f"{mach['cpu_model']}, {mach['cpus']['usable']} CPUs, BLAS {machine.blas_summary(mach['blas'])}"
         + (f"; load average at start {load[0]:.2f}" if load else "")
         + (f"; other processes used {mach['other_cpu_seconds']:.0f} CPU-s during the {result['elapsed_s']:.0f} s run"
@@ -275,7 +355,7 @@ def write_json(result: dict[str, Any], path: str) -> None:
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(result), f, indent=1)
+        json.dump(jsonable(result), f, indent=1)
         f.write("\n")
     os.replace(tmp, path)
 
