@@ -8,6 +8,7 @@ The backend (numpy, numba or cupy) comes from ``FASTBP_BACKEND`` (default
 """
 
 from . import ops, optim
+from . import graph  # light: numpy and the registry only; a graph's kernels load with its backend
 from .backend import (
     BACKEND_NAMES,
     available_backends,
