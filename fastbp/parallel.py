@@ -80,6 +80,8 @@ class Collective:
         self._scalars = np.zeros(2)  # [loss_sum, n_correct] of one step, float64 on every dtype
         self._host: dict[tuple, np.ndarray] = {}  # host staging buffers for GPU arrays
         self.cuda_aware = bool(getattr(backend, "is_gpu", False) and self._query_cuda_aware())
+        if self.size > 1:
+            _abort_on_uncaught(self.MPI)
 
     def _query_cuda_aware(self) -> bool:
         query = getattr(self.MPI, "Query_cuda_support", None)  # mpi4py >= 4 (MPIX_Query_cuda_support)
@@ -205,6 +207,27 @@ def collective_checks(fit):
             raise  # not reached: settle raises the agreed error
 
     return run
+
+
+_ABORT_HOOKED = False
+
+
+def _abort_on_uncaught(MPI) -> None:
+    """Make an exception that nothing catches end the whole job with ``MPI_Abort``, as ``python
+    -m mpi4py`` does: without it the failing rank waits in ``MPI_Finalize`` at exit and the others
+    in their next collective, forever. Installed once, chained after the current excepthook."""
+    global _ABORT_HOOKED
+    if _ABORT_HOOKED:
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):
+        previous(kind, value, traceback)
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(1)
+
+    sys.excepthook = hook
+    _ABORT_HOOKED = True
 
 
 def _pinned_empty(shape, dtype) -> np.ndarray:

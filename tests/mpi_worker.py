@@ -136,7 +136,28 @@ def main(case, outdir, memmap_dir=None):
         pickle.dump(out, f)
 
 
+def dying(how):
+    """Rank 1 fails in its second epoch (an uncaught exception, or SIGKILL); the others are then
+    in a collective. The job must end, not hang."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    X, y = data()
+
+    def fail(epoch, logs):
+        if epoch == 1 and comm.Get_rank() == 1:
+            if how == "kill":
+                os.kill(os.getpid(), 9)
+            raise RuntimeError("rank 1 fails on purpose")
+
+    training.fit(model(), X, y, epochs=20, batch_size=8, callbacks=[fail], comm=comm)
+    print(f"rank {comm.Get_rank()} finished", flush=True)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "dying":  # no safety net here: what fastbp does on its own is under test
+        dying(sys.argv[3])
+        sys.exit(0)
     try:
         main(*sys.argv[1:])
     except BaseException:

@@ -39,20 +39,26 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None or _m
                                 reason="needs mpi4py and mpiexec (pip install 'fastbp[mpi]')")
 
 
-def run_ranks(n, case, tmp_path, *extra, backend="numpy"):
-    """Run ``case`` on ``n`` ranks; returns every rank's pickled record."""
+def launch(n, case, tmp_path, *extra, backend="numpy", timeout=TIMEOUT_S):
+    """Run ``case`` on ``n`` ranks; returns (exit status, output); a hang fails the test."""
     env = dict(os.environ, FASTBP_BACKEND=backend, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [_mpiexec(), "-n", str(n), sys.executable, str(WORKER), case, str(tmp_path), *map(str, extra)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # its own process group: a hang is killed whole
     try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
+        output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        pytest.fail(f"mpiexec -n {n} {case} hung for {TIMEOUT_S} s; output:\n{output}")
-    assert proc.returncode == 0, f"mpiexec -n {n} {case} failed ({proc.returncode}):\n{output}"
+        pytest.fail(f"mpiexec -n {n} {case} hung for {timeout} s; output:\n{output}")
+    return proc.returncode, output
+
+
+def run_ranks(n, case, tmp_path, *extra, backend="numpy"):
+    """Run ``case`` on ``n`` ranks; returns every rank's pickled record."""
+    returncode, output = launch(n, case, tmp_path, *extra, backend=backend)
+    assert returncode == 0, f"mpiexec -n {n} {case} failed ({returncode}):\n{output}"
     records = []
     for rank in range(n):
         with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
@@ -71,14 +77,17 @@ def _memmap_files(tmp_path):
 _RUNS: dict = {}
 
 
-@pytest.fixture(params=[2, 3], ids=lambda n: f"{n}ranks")
+@pytest.fixture(params=[(2, "numpy"), (3, "numpy"), (2, "numba")], ids=lambda p: f"{p[0]}ranks-{p[1]}")
 def equivalence(request, tmp_path_factory):
-    """The equivalence case's records on 2 and 3 ranks (one mpiexec run each, shared by tests)."""
-    n = request.param
-    if n not in _RUNS:
-        tmp = tmp_path_factory.mktemp(f"mpi{n}")
-        _RUNS[n] = (tmp, run_ranks(n, "equivalence", tmp, _memmap_files(tmp)))
-    return _RUNS[n]
+    """The equivalence case's records on 2 and 3 ranks, and on 2 with the Numba backend's kernels
+    (one mpiexec run each, shared by the tests that read them)."""
+    n, backend = request.param
+    if backend not in fb.available_backends():
+        pytest.skip(f"{backend} backend unavailable")
+    if request.param not in _RUNS:
+        tmp = tmp_path_factory.mktemp(f"mpi{n}{backend}")
+        _RUNS[request.param] = (tmp, run_ranks(n, "equivalence", tmp, _memmap_files(tmp), backend=backend))
+    return _RUNS[request.param]
 
 
 def test_fit_matches_one_process_on_every_rank(equivalence):
@@ -139,6 +148,15 @@ def test_bad_input_and_divergence_raise_alike_on_every_rank(tmp_path, n_ranks):
     params, history, _ = worker.fit_case(1, worker.data(), dict(epochs=1, batch_size=7, seed=5))
     for rec in records:
         np.testing.assert_allclose(rec["after"][0], params, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_a_rank_that_dies_ends_the_job(tmp_path, how):
+    returncode, output = launch(3, "dying", tmp_path, how, timeout=120)
+    assert returncode != 0
+    assert "finished" not in output
+    if how == "raise":
+        assert "rank 1 fails on purpose" in output
 
 
 def test_comm_must_be_a_communicator():
