@@ -3,21 +3,10 @@
 // Written once and shared: kernels/cupy.py puts this file in front of fastbp_kernels.cu (one
 // RawModule per dtype) and uses it as the preamble of its ElementwiseKernels, so the GPU has one
 // definition of each function. Meanings match the NumPy reference backend (kernels/numpy.py)
-// exactly; codes match ACT_CODES / LOSS_CODES in kernels/cupy.py. No #include: NVRTC compiles
-// this without the host headers.
-
-#define FB_IDENTITY 0
-#define FB_SIGMOID 1
-#define FB_TANH 2
-#define FB_RELU 3
-#define FB_LEAKY_RELU 4
-#define FB_SOFTMAX 5  // row-wise, output layer only: see fb_softmax_rows
-
-#define FB_MSE 0
-#define FB_LOG_LOSS 1
-#define FB_CROSS_ENTROPY 2
-
-#define FB_LEAKY_SLOPE 0.01  // negative-side slope of leaky_relu (kernels/base.py LEAKY_SLOPE)
+// exactly. The codes (FB_SIGMOID, FB_MSE, FB_RULE_ADAM, FB_HP_LR, ...) and FB_LEAKY_SLOPE are not
+// written here: kernels/cupy.py generates them as #defines from kernels/base.py (ACT_CODE,
+// LOSS_CODE, RULE_CODE, HP_*) in front of this file. No #include: NVRTC compiles this without the
+// host headers.
 
 // Machine epsilon of T (numpy.finfo(T).eps): the clip that keeps logs and divisions finite.
 template <typename T> struct fb_limits;
