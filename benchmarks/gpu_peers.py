@@ -43,6 +43,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # a checkout runs without being installed
 
+from fastbp.bench.timing import flops_per_example, stats  # noqa: E402 - shared with fastbp bench
+
 MLP_CONFIGS = [
     {"sizes": [784, 256, 256, 10], "batch": 64, "n": 65536, "quick_n": 8192, "epochs": 2, "bar": 3.0},
     {"sizes": [784, 256, 256, 10], "batch": 256, "n": 65536, "quick_n": 8192, "epochs": 2, "bar": 3.0},
@@ -54,18 +56,6 @@ PER_EXAMPLE_CONFIGS = [
 ]
 ROUTES = ("auto", "graph-cublas", "graph-raw", "eager")
 LR = 0.01
-
-
-def flops_per_example(sizes) -> int:
-    """GEMM FLOPs of one example's forward and backward pass (no input delta for the first layer)."""
-    return sum(2 * i * o * (3 if layer > 0 else 2) for layer, (i, o) in enumerate(zip(sizes[:-1], sizes[1:])))
-
-
-def stats(values) -> dict:
-    arr = np.asarray(values, dtype=float)
-    q1, med, q3 = np.percentile(arr, [25, 50, 75])
-    return {"median": float(med), "q1": float(q1), "q3": float(q3), "min": float(arr.min()),
-            "max": float(arr.max()), "runs": [float(v) for v in arr]}
 
 
 def timed(fn, sync, repeat: int) -> dict:

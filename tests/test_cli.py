@@ -334,6 +334,61 @@ def test_peer_functions_reject_bad_arguments():
         peers.torch_throughput(**(args | {"X": np.zeros((4, 5))}))
 
 
+def test_peers_cpu_script_records_every_repeat_and_the_machine(tmp_path):
+    out = tmp_path / "cpu-peers.json"
+    peer_names = ["sklearn"] + (["torch"] if HAS_TORCH else []) + (["jax"] if HAS_JAX else [])
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "peers_cpu.py"), "--backend", "numpy", "--quick",
+           "--workloads", "tiny_2_8_1_batch1", "--peers", ",".join(peer_names), "--optimizer", "sgd,adam",
+           "--contended", "--repeat", "2", "--min-time", "0.01", "--skip-jit", "--skip-digits", "--skip-profiles",
+           "--sgemm-n", "256", "--samples", "200", "--pause", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    mach = record["machine"]
+    assert mach["cpu_model"] and mach["cpus"]["usable"] >= 1 and mach["versions"]["numpy"]
+    assert any(p.get("user_api") == "blas" and p["num_threads"] >= 1 for p in mach["blas"])
+    assert record["sgemm_start"]["gflops_best"] > 0 and record["sgemm_end"]["gflops_best"] > 0
+    assert [s["when"] for s in record["load"]][0] == "start" and record["load"][-1]["when"] == "end"
+    rec = record["workloads"]["tiny_2_8_1_batch1"]
+    assert rec["load_before"]["load_average"] is not None and rec["load_after"]["load_average"] is not None
+    # the step's GEMMs at its own shapes: 2 products in the first layer, 3 in the second
+    gemm = rec["gemm_at_shapes"]
+    assert [(p["layer"], p["product"]) for p in gemm["products"]] == [
+        (1, "forward"), (1, "weight_gradient"), (2, "forward"), (2, "weight_gradient"), (2, "input_gradient")]
+    assert gemm["step_gemm_us"] == pytest.approx(sum(p["us"] for p in gemm["products"]))
+    expected = {f"fastbp/{o}" for o in ("sgd", "adam")} | {f"sklearn/{o}" for o in ("sgd", "adam")}
+    if HAS_TORCH:
+        expected |= {f"torch_{t}/{o}" for t in ("default_threads", "1_thread") for o in ("sgd", "adam")}
+    if HAS_JAX:
+        expected |= {f"jax_{f}/{o}" for f in ("jit", "scan") for o in ("sgd", "adam")}
+    assert set(rec["samples_per_s"]) == expected, rec["unavailable"] | rec["failed"]
+    for key, s in rec["samples_per_s"].items():  # every repeat kept, raw results beside the figures
+        assert s["n"] == 2 and len(s["all"]) == 2 and len(rec["raw"][key]) == 2
+        assert [r["samples_per_s"] for r in rec["raw"][key]] == s["all"]
+    for o in ("sgd", "adam"):
+        entry = rec["comparison"][o]
+        sk = entry["peers"]["sklearn"]
+        assert sk["ratio_median"] == pytest.approx(rec["samples_per_s"][f"fastbp/{o}"]["median"]
+                                                   / rec["samples_per_s"][f"sklearn/{o}"]["median"])
+        if HAS_JAX:
+            jax = entry["peers"]["jax"]
+            forms = {k: rec["samples_per_s"][k]["median"] for k in (f"jax_jit/{o}", f"jax_scan/{o}")}
+            assert jax["fastest_variant"] == max(forms, key=forms.get) and jax["bar"] == 1.2
+            assert all(v > 0 for v in jax["compile_s"].values()) and len(jax["compile_s"]) == 2
+    adam = rec["comparison"]["adam_over_sgd"]
+    assert adam["fastbp"] == pytest.approx(rec["samples_per_s"]["fastbp/adam"]["median"]
+                                           / rec["samples_per_s"]["fastbp/sgd"]["median"])
+    cont = rec["contended"]
+    assert cont["load"]["cpu_seconds"][0] > 0
+    for key, frac in cont["fraction_of_quiet"].items():
+        assert frac == pytest.approx(cont["samples_per_s"][key]["median"] / rec["samples_per_s"][key]["median"])
+    assert set(cont["fraction_of_quiet"]) == expected
+
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers_cpu.py"), "--workloads", "nope"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--workloads 'nope'" in bad.stderr and "tiny_2_8_1_batch1" in bad.stderr
+
+
 def test_info_lists_every_backend():
     proc = fastbp("info")
     assert proc.returncode == 0, proc.stderr
