@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 BENCH_ARGS ?=
 
-.PHONY: test bench bench-full bench-peers bench-cpu-peers bench-gpu info clean
+.PHONY: test bench bench-full bench-peers bench-cpu-peers bench-contended bench-gpu info clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -33,12 +33,23 @@ $(VENV)/.torch: $(VENV)/.bench
 	$(PY) -c 'import torch' 2>/dev/null || $(PIP) install --quiet torch --index-url https://download.pytorch.org/whl/cpu
 	touch $@
 
-bench-peers: $(VENV)/.torch
-	$(VENV)/bin/fastbp bench --peers torch,sklearn --out benchmarks/results/bench-peers-latest.json $(BENCH_ARGS)
+# JAX (CPU, the optional extra fastbp[jax]): a peer in both forms, per-step jit and the epoch as one lax.scan.
+$(VENV)/.jax: $(VENV)/.bench
+	$(PY) -c 'import jax' 2>/dev/null || $(PIP) install --quiet -e '.[jax]'
+	touch $@
 
-# The Numba backend against PyTorch eager and scikit-learn on the issue's five CPU workloads.
-bench-cpu-peers: $(VENV)/.torch
-	$(PY) benchmarks/peers_cpu.py
+bench-peers: $(VENV)/.torch $(VENV)/.jax
+	$(VENV)/bin/fastbp bench --peers torch,jax,sklearn --out benchmarks/results/bench-peers-latest.json $(BENCH_ARGS)
+
+# The same beside one busy-loop process: each throughput as a share of the quiet run.
+bench-contended: $(VENV)/.torch
+	$(VENV)/bin/fastbp bench --contended --peers torch --out benchmarks/results/bench-contended-latest.json $(BENCH_ARGS)
+
+# The Numba backend against PyTorch eager, JAX and scikit-learn on issue 10's five CPU workloads
+# (PEERS_ARGS: e.g. --optimizer sgd,adam --contended, or --quick for a smoke run).
+PEERS_ARGS ?=
+bench-cpu-peers: $(VENV)/.torch $(VENV)/.jax
+	$(PY) benchmarks/peers_cpu.py $(PEERS_ARGS)
 
 # On an NVIDIA GPU (needs fastbp[cuda12] or fastbp[cuda13], and torch with CUDA for the peer).
 bench-gpu: $(VENV)/.bench
