@@ -145,6 +145,11 @@ def test_quick_bench_writes_valid_json_and_plot(tmp_path):
         s = grad[strategy]["seconds"]
         assert 0 < s["min"] <= s["median"] <= s["max"]
     assert grad["speedup"] == pytest.approx(grad["loop"]["seconds"]["median"] / grad["vectorized"]["seconds"]["median"])
+    # the computation graph (fastbp.graph) is timed beside them, and computes the same gradient
+    assert len(grad["graph"]["times_s"]) == 2 and grad["graph_max_abs_diff_vs_vectorized"] < 1e-5
+    assert grad["graph_vs_vectorized"] == pytest.approx(grad["graph"]["seconds"]["median"]
+                                                        / grad["vectorized"]["seconds"]["median"])
+    assert "graph" in proc.stdout
     rows = numpy_rec["training"]
     assert [r["batch_size"] for r in rows] == [1, 8]
     for row in rows:

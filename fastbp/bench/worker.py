@@ -155,6 +155,10 @@ def _bench_backend(be, cfg: BenchConfig, data: _Data, progress) -> dict[str, Any
     if "graph" in grad:
         grad["graph_vs_vectorized"] = grad["graph"]["seconds"]["median"] / vec["median"]
         grad["gflops_graph"] = grad["flops"] / grad["graph"]["seconds"]["median"] / 1e9
+        # the figure only means something if the graph computes the same gradient
+        ref, got = calls["vectorized"](), calls["graph"]()
+        grad["graph_max_abs_diff_vs_vectorized"] = max(
+            float(np.max(np.abs(fb.to_numpy(a) - fb.to_numpy(b)))) for a, b in zip(ref[0] + ref[1], got[0] + got[1]))
     rec["gradient"] = grad
     if "jit" not in rec:
         first = grad["vectorized"]["first_call_s"]
