@@ -3,7 +3,9 @@
 The model is the default of ``fastbp bench`` (784-128-10, sigmoid, MSE, float32)
 on seeded synthetic data. A training benchmark times ``MLP.fit`` over one epoch
 of ``steps`` mini-batches (``extra_info`` gives samples and steps, so samples/s =
-samples / time); batch 4096 is full-batch descent. Nothing asserts a speed.
+samples / time), with plain SGD and with Adam (fastbp.bench.optimizer's specs, the
+optimizer set by an untimed first fit and continued by the timed ones); batch 4096
+is full-batch descent. Nothing asserts a speed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 import fastbp as fb
+from fastbp.bench.optimizer import OptimizerSpec, default_lr, fit_kwargs
 
 SIZES = [784, 128, 10]
 DTYPE = "float32"
@@ -37,16 +40,23 @@ def _model(kit, X, Y):
     return net, kit.be.asarray(X, DTYPE), kit.be.asarray(Y, DTYPE)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"batch{b}")
-def test_training_epoch(benchmark, kit, data, batch):
+def test_training_epoch(benchmark, kit, data, batch, optimizer):
     net, X, Y = _model(kit, *data)
     full = batch >= N_SAMPLES
     n = N_SAMPLES if full else max(batch, 256)  # 256 per-example steps at batch 1; one step at full batch
     Xn, Yn = X[:n], Y[:n]
+    spec = OptimizerSpec.make(optimizer, default_lr(optimizer, 0.05))
+    size = None if full else batch
+    net.fit(Xn[:batch], Yn[:batch], epochs=1, batch_size=size, progress=False,  # sets the optimizer, untimed
+            **fit_kwargs(net, spec, first=True))
     benchmark.group = f"training, MLP {ARCH} {DTYPE}, batch {batch}{' (full)' if full else ''}"
-    benchmark.extra_info.update(batch_size=batch, samples=n, steps=n // batch, full_batch=full)
-    benchmark(kit.synced(lambda: net.fit(Xn, Yn, epochs=1, batch_size=None if full else batch, lr=0.05,
-                                         shuffle=not full, progress=False)))
+    benchmark.extra_info.update(batch_size=batch, samples=n, steps=n // batch, full_batch=full,
+                                optimizer=spec.describe())
+    continued = fit_kwargs(net, spec, first=False)
+    benchmark(kit.synced(lambda: net.fit(Xn, Yn, epochs=1, batch_size=size, shuffle=not full, progress=False,
+                                         **continued)))
 
 
 @pytest.mark.parametrize("strategy", ["vectorized", "loop"])
