@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 BENCH_ARGS ?=
 
-.PHONY: test bench bench-full bench-peers bench-cpu-peers bench-contended bench-gpu info clean
+.PHONY: test bench bench-full bench-peers bench-cpu-peers bench-contended bench-gpu gpu-check info clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,12 @@ bench-cpu-peers: $(VENV)/.torch $(VENV)/.jax
 # On an NVIDIA GPU (needs fastbp[cuda12] or fastbp[cuda13], and torch with CUDA for the peer).
 bench-gpu: $(VENV)/.bench
 	$(PY) benchmarks/gpu_peers.py
+
+# Everything the first run on an NVIDIA GPU must confirm, in under 7 minutes, with the machine's own
+# CUDA/CuPy/PyTorch/JAX and no package registry (no venv made; GPU_CHECK_VENV=1 makes one with
+# --system-site-packages). Results in $$OUT (default /tmp/fastbp-gpu-check); exit 3 = no device.
+gpu-check:
+	PYTHON=$(PYTHON) bash benchmarks/gpu_check/run.sh
 
 # The pytest-benchmark suites (kernels, training steps); saved for --benchmark-compare.
 bench-full: $(VENV)/.bench $(VENV)/.test

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""fastbp's cupy backend against PyTorch eager CUDA on one GPU, and per-example SGD against the CPU.
+"""fastbp's cupy backend against PyTorch eager CUDA and JAX on one GPU, and per-example SGD against the CPU.
 
 Run from the repository root on a machine with an NVIDIA GPU (no install needed; PyTorch and the
 numba backend are optional, a missing one is recorded, not fatal)::
@@ -8,17 +8,22 @@ numba backend are optional, a missing one is recorded, not fatal)::
     python3 benchmarks/gpu_peers.py --quick          # less data, fewer repeats: about a minute
     python3 benchmarks/gpu_peers.py --tf32           # the same with TF32 tensor cores on both sides
 
-Both sides train the same model on the same data with plain SGD in fp32 (TF32 off unless
-``--tf32``): ReLU hidden layers, softmax + cross-entropy, the examples reshuffled on the device
-every epoch, the epoch's loss read back once per epoch. Every timed region is bracketed by a
+Every side trains the same model on the same data with the same update rule (``--optimizer``:
+plain SGD by default, or momentum / Adam with torch.optim's formulas) in fp32, TF32 off unless
+``--tf32`` (fastbp ``FASTBP_TF32``, torch ``torch.backends.cuda.matmul.fp32_precision`` on torch >=
+2.9, JAX ``jax_default_matmul_precision``, which otherwise lets XLA use TF32 on its own): ReLU
+hidden layers, softmax + cross-entropy, the examples reshuffled on the device every epoch, the
+epoch's loss read back once per epoch. Every timed region is bracketed by a
 device synchronisation; a warm-up run comes first and is reported apart (kernel compilation,
 graph capture, cuBLAS heuristics); figures are medians with quartiles over ``--repeat`` runs.
 
 * ``peak``: the GPU's own GEMM rate, FP32 and TF32 (cupy.matmul, and torch.matmul to cross-check).
 * ``mlp``: samples/s for 784-256-256-10 at batch 64 and 256 (bar: fastbp >= 3x torch) and
   4096-4096-4096-10 at batch 4096 (bar: >= 0.95x torch, with the % of the FP32 and TF32 peaks),
-  fastbp measured on each captured-step route (FASTBP_CUPY_STEP) and torch eager
-  (nn.Sequential, F.cross_entropy, torch.optim.SGD without momentum).
+  fastbp measured on each captured-step route (FASTBP_CUPY_STEP), torch eager (nn.Sequential,
+  F.cross_entropy, torch.optim), and JAX on the GPU in its two best forms: one jitted step per
+  batch, and the whole epoch as one jitted ``lax.scan`` (fastbp.bench.peers.jax_throughput; its
+  compile time is reported apart).
 * ``per_example``: batch size 1: fastbp on the GPU, fastbp's numba backend on the CPU, torch eager.
 
 Results (device name, versions, every timing) go to
@@ -95,10 +100,41 @@ def torch_or_none():
         return None, f"torch unavailable: {type(exc).__name__}: {exc}"
 
 
-def set_torch_tf32(torch, on: bool) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = on
+def set_torch_tf32(torch, on: bool) -> str:
+    """TF32 on or off for torch's float32 matmuls (and convolutions); returns the API used.
+
+    torch >= 2.9 has ``fp32_precision`` ("tf32" / "ieee") and deprecates the ``allow_tf32``
+    flags; mixing the two raises there, so only the new one is touched when it exists.
+    """
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32" if on else "ieee"
+        conv = getattr(getattr(torch.backends, "cudnn", None), "conv", None)
+        if conv is not None and hasattr(conv, "fp32_precision"):
+            conv.fp32_precision = "tf32" if on else "ieee"
+        return "fp32_precision"
+    matmul.allow_tf32 = on
     torch.backends.cudnn.allow_tf32 = on
     torch.set_float32_matmul_precision("high" if on else "highest")
+    return "allow_tf32"
+
+
+def set_jax_tf32(jax, on: bool) -> None:
+    """XLA's default float32 matmul precision: TF32 allowed, or full FP32 ("highest")."""
+    jax.config.update("jax_default_matmul_precision", "tensorfloat32" if on else "highest")
+
+
+def jax_or_none():
+    """jax when it is installed and its default device is a GPU, else (None, why)."""
+    try:
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform not in ("gpu", "cuda"):
+            return None, f"jax's default device is {device.platform}, not a GPU (jax[cuda] not installed?)"
+        return jax, None
+    except Exception as exc:  # noqa: BLE001
+        return None, f"jax unavailable: {type(exc).__name__}: {exc}"
 
 
 # ---------------------------------------------------------------- parts
@@ -128,7 +164,7 @@ def gemm_peak(be, torch, n: int, repeat: int) -> dict:
     original = be.tf32
     try:
         for label, on in (("fp32", False), ("tf32", True)):
-            be.tf32 = be._set_tf32(on)
+            be.tf32 = on  # one switch: CuPy's matmul, fastbp's handles and graphs
             if on and not be.tf32:
                 out[label] = {"error": "TF32 unsupported on this device"}
                 continue
@@ -137,7 +173,7 @@ def gemm_peak(be, torch, n: int, repeat: int) -> dict:
             r["tflops_median"] = out["flop"] / r["seconds"]["median"] / 1e12
             out[label] = r
     finally:
-        be.tf32 = be._set_tf32(original)
+        be.tf32 = original
     if torch is not None:
         ta, tb = torch.randn(n, n, device="cuda"), torch.randn(n, n, device="cuda")
         for label, on in (("torch_fp32", False), ("torch_tf32", True)):
@@ -157,14 +193,15 @@ def device_data(cp, n: int, n_in: int, n_out: int, seed: int = 0):
     return X, Y, labels
 
 
-def fastbp_fit(fb, be, sizes, X, Y, batch: int, epochs: int, repeat: int, route: str) -> dict:
+def fastbp_fit(fb, be, sizes, X, Y, batch: int, epochs: int, repeat: int, route: str, spec) -> dict:
     """Samples/s of MLP.fit on the cupy backend with one captured-step route."""
     be.step_route = route
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         net = fb.MLP(sizes, activation="relu", loss="cross_entropy", dtype="float32", seed=0)
-        r = timed(lambda: net.fit(X, Y, epochs=epochs, batch_size=batch, lr=LR, shuffle=True, progress=False),
-                  be.synchronize, repeat)
+        opt = spec.fastbp()
+        r = timed(lambda: net.fit(X, Y, epochs=epochs, batch_size=batch, optimizer=opt, shuffle=True,
+                                  progress=False), be.synchronize, repeat)
     n = int(X.shape[0])
     r["samples_per_s"] = n * epochs / r["seconds"]["median"]
     r["samples_per_s_q1_q3"] = [n * epochs / r["seconds"]["q3"], n * epochs / r["seconds"]["q1"]]
@@ -177,7 +214,7 @@ def fastbp_fit(fb, be, sizes, X, Y, batch: int, epochs: int, repeat: int, route:
     return r
 
 
-def torch_fit(torch, sizes, X, labels, batch: int, epochs: int, repeat: int) -> dict:
+def torch_fit(torch, sizes, X, labels, batch: int, epochs: int, repeat: int, spec) -> dict:
     """Samples/s of the same training in PyTorch eager mode."""
     import torch.nn.functional as F
 
@@ -186,7 +223,7 @@ def torch_fit(torch, sizes, X, labels, batch: int, epochs: int, repeat: int) -> 
     for i, o in zip(sizes[:-1], sizes[1:]):
         layers += [torch.nn.Linear(i, o), torch.nn.ReLU()]
     model = torch.nn.Sequential(*layers[:-1]).cuda()
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    opt = spec.torch(torch, model.parameters())
     Xt, yt = torch.from_dlpack(X), torch.from_dlpack(labels)
     n = Xt.shape[0]
 
@@ -210,6 +247,19 @@ def torch_fit(torch, sizes, X, labels, batch: int, epochs: int, repeat: int) -> 
     return r
 
 
+def jax_fit(jax, sizes, X, labels, batch: int, epochs: int, repeat: int, spec, form: str) -> dict:
+    """Samples/s of the same training in JAX on the GPU (``form``: "jit" or "scan"), ``repeat`` runs."""
+    from fastbp.bench.peers import jax_throughput
+
+    runs = [jax_throughput(sizes, "relu", "cross_entropy", X, labels, batch, spec.lr, epochs, optimizer=spec.name,
+                           momentum=spec.momentum or 0.9, form=form, seed=0) for _ in range(repeat)]
+    rates = [r["samples_per_s"] for r in runs]
+    s = stats(rates)
+    return {"samples_per_s": s["median"], "samples_per_s_q1_q3": [s["q1"], s["q3"]], "runs": rates,
+            "compile_s": runs[0]["compile_s"], "device": runs[0]["device"], "jax": runs[0]["jax"],
+            "final_loss": runs[-1]["final_loss"]}
+
+
 def mlp_configs(fb, be, torch, torch_why, args, peak) -> list:
     cp = be.xp
     rows = []
@@ -222,16 +272,30 @@ def mlp_configs(fb, be, torch, torch_why, args, peak) -> list:
         print(f"== {'-'.join(map(str, sizes))} batch {batch}, n={n}", flush=True)
         X, Y, labels = device_data(cp, n, sizes[0], sizes[-1])
         for route in args.routes:
-            section(row["fastbp"], route, fastbp_fit, fb, be, sizes, X, Y, batch, epochs, args.repeat, route)
+            section(row["fastbp"], route, fastbp_fit, fb, be, sizes, X, Y, batch, epochs, args.repeat, route,
+                    args.spec)
             r = row["fastbp"][route]
             if "samples_per_s" in r:
                 print(f"   fastbp {route:13s} {r['samples_per_s']:12.0f} samples/s  (used {r['route_used']})", flush=True)
         if torch is not None:
-            section(row, "torch", torch_fit, torch, sizes, X, labels, batch, epochs, args.repeat)
+            section(row, "torch", torch_fit, torch, sizes, X, labels, batch, epochs, args.repeat, args.spec)
             if "samples_per_s" in row["torch"]:
                 print(f"   torch eager          {row['torch']['samples_per_s']:12.0f} samples/s", flush=True)
         else:
             row["torch"] = {"error": torch_why}
+        if args.jax is not None:
+            Xh, lh = cp.asnumpy(X), cp.asnumpy(labels)
+            for form in ("jit", "scan"):
+                section(row, f"jax_{form}", jax_fit, args.jax, sizes, Xh, lh, batch, epochs, args.repeat,
+                        args.spec, form)
+                if "samples_per_s" in row[f"jax_{form}"]:
+                    print(f"   jax {form:4s}             {row[f'jax_{form}']['samples_per_s']:12.0f} samples/s",
+                          flush=True)
+            jax_best = max((row[f"jax_{f}"].get("samples_per_s", 0.0) for f in ("jit", "scan")), default=0.0)
+            if jax_best:
+                row["jax_best_samples_per_s"] = jax_best
+        elif "jax" not in args.skip_set:
+            row["jax_jit"] = row["jax_scan"] = {"error": args.jax_why}
         best = max(((r["samples_per_s"], route) for route, r in row["fastbp"].items() if "samples_per_s" in r),
                    default=None)
         if best is not None:
@@ -249,6 +313,9 @@ def mlp_configs(fb, be, torch, torch_why, args, peak) -> list:
                 row["torch"]["tflops"] = row["torch"]["samples_per_s"] * row["flops_per_example"] / 1e12
                 print(f"   best fastbp / torch = {ratio:.2f}x (bar {cfg['bar']}x): "
                       f"{'met' if row['meets_bar'] else 'MISSED'}", flush=True)
+            if row.get("jax_best_samples_per_s"):
+                row["ratio_vs_jax_best"] = best[0] / row["jax_best_samples_per_s"]
+                print(f"   best fastbp / best jax = {row['ratio_vs_jax_best']:.2f}x", flush=True)
         del X, Y, labels
         cp.get_default_memory_pool().free_all_blocks()
         rows.append(row)
@@ -271,8 +338,9 @@ def per_example(fb, be, torch, args) -> list:
                 with fb.use_backend(name) as b:
                     net = fb.MLP(sizes, activation="relu", loss="cross_entropy", dtype="float32", seed=0)
                     Xd, Yd = b.asarray(X), b.asarray(Y)
-                    r = timed(lambda: net.fit(Xd, Yd, epochs=1, batch_size=1, lr=LR, shuffle=True, progress=False),
-                              b.synchronize, max(2, args.repeat // 2))
+                    opt = args.spec.fastbp()
+                    r = timed(lambda: net.fit(Xd, Yd, epochs=1, batch_size=1, optimizer=opt, shuffle=True,
+                                              progress=False), b.synchronize, max(2, args.repeat // 2))
                     r["samples_per_s"] = n / r["seconds"]["median"]
                     r["backend_info"] = b.info()
                     return r
@@ -282,7 +350,7 @@ def per_example(fb, be, torch, args) -> list:
         if torch is not None:
             cp = be.xp
             Xg, lg = cp.asarray(X), cp.asarray(labels)
-            section(row, "torch", torch_fit, torch, sizes, Xg, lg, 1, 1, max(2, args.repeat // 2))
+            section(row, "torch", torch_fit, torch, sizes, Xg, lg, 1, 1, max(2, args.repeat // 2), args.spec)
             if "samples_per_s" in row["torch"]:
                 print(f"   torch eager  {row['torch']['samples_per_s']:12.0f} samples/s", flush=True)
         if "samples_per_s" in row.get("cupy", {}) and "samples_per_s" in row.get("numba", {}):
@@ -300,13 +368,19 @@ def main(argv=None) -> int:
     parser.add_argument("--tf32", action="store_true", help="TF32 tensor cores on both sides (FASTBP_TF32=1)")
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per figure (default 5, quick 3)")
     parser.add_argument("--routes", default=",".join(ROUTES), help=f"fastbp step routes to time (default {','.join(ROUTES)})")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: peak,mlp,per_example")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: peak,mlp,per_example,jax")
+    parser.add_argument("--optimizer", default="sgd", choices=("sgd", "momentum", "adam"),
+                        help="update rule on every side (default sgd; momentum 0.9; adam lr 1e-3 unless --lr)")
+    parser.add_argument("--lr", type=float, default=None, help=f"learning rate (default {LR}, adam 1e-3)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu_peers_<device>.json)")
     args = parser.parse_args(argv)
     args.repeat = args.repeat or (3 if args.quick else 5)
     args.routes = [r.strip() for r in args.routes.split(",") if r.strip()]
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    skip = args.skip_set = {s.strip() for s in args.skip.split(",") if s.strip()}
     os.environ["FASTBP_TF32"] = "1" if args.tf32 else "0"
+    from fastbp.bench.optimizer import OptimizerSpec, default_lr
+
+    args.spec = OptimizerSpec.make(args.optimizer, args.lr if args.lr is not None else default_lr(args.optimizer, LR))
 
     import fastbp as fb
 
@@ -318,8 +392,12 @@ def main(argv=None) -> int:
     torch, torch_why = torch_or_none()
     if torch is not None:
         set_torch_tf32(torch, args.tf32)
+    args.jax, args.jax_why = (None, "skipped (--skip jax)") if "jax" in skip else jax_or_none()
+    if args.jax is not None:
+        set_jax_tf32(args.jax, args.tf32)
     results = {"benchmark": "gpu_peers", "quick": args.quick, "tf32": args.tf32, "repeat": args.repeat,
-               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "lr": LR}
+               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "optimizer": args.spec.describe(),
+               "jax": None if args.jax is None else args.jax.__version__}
     section(results, "machine", machine, be, torch)
     device = results["machine"].get("fastbp_cupy", {}).get("device", "gpu") if "error" not in results["machine"] else "gpu"
     results["device"] = device
@@ -340,7 +418,8 @@ def main(argv=None) -> int:
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
     slug = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_").lower() or "gpu"
-    name = f"gpu_peers_{slug}{'_tf32' if args.tf32 else ''}{'_quick' if args.quick else ''}.json"
+    opt = "" if args.optimizer == "sgd" else f"_{args.optimizer}"
+    name = f"gpu_peers_{slug}{'_tf32' if args.tf32 else ''}{opt}{'_quick' if args.quick else ''}.json"
     paths = [Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name]
     if os.environ.get("OUT"):
         paths.append(Path(os.environ["OUT"]) / name)

@@ -1215,6 +1215,10 @@ class FakeCupy(types.ModuleType):
     def take(self, src, index, axis=0, out=None):
         self.run(lambda: np.take(src, index, axis=axis, out=out))
 
+    @staticmethod
+    def asnumpy(a):
+        return np.array(a)
+
 
 class RecordingBlas:
     """A stub cuBLAS handle, captured like the real one (its calls become graph nodes); ``scale`` spoils it."""
@@ -1536,6 +1540,69 @@ def test_fake_device_two_threads_keep_their_own_streams_and_state(fake_backend, 
     t.start()
     t.join()
     assert id(other[0]) not in contexts and other[0].stream is not be._ctx().stream
+
+
+def _load_script(relative: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(relative.replace("/", "_")[:-3], os.path.join(ROOT, relative))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_probe_runs_on_the_fake_device(fake_backend, monkeypatch, tmp_path):
+    """make gpu-check's probe (NVRTC, direct cuBLAS in four transpositions, routes x rules against the
+    reference) runs through on the emulated device, so its first real run is spent on the GPU's answers."""
+    import json
+
+    be, _ = fake_backend
+    probe = _load_script("benchmarks/gpu_check/probe.py")
+    monkeypatch.setattr(fb, "set_backend", lambda name: be)
+    monkeypatch.setattr(probe, "ROUTE_SPECS", lambda t: (SPECS[0],))
+    monkeypatch.setattr(probe, "ROUTE_RULES", ("adam",))
+    monkeypatch.setattr(probe, "_peers_versions", lambda: {})
+    rc = probe.gpu(str(tmp_path))
+    record = json.loads((tmp_path / "probe.json").read_text())
+    assert rc == 0, {k: record[k] for k in record["failed"]}
+    assert len([k for k in record["cublas_direct"] if "ta=" in k]) == 8
+    routes = {k: v for k, v in record["routes"].items() if k != "failed"}
+    assert len(routes) == 2 * 5 and all(v["ok"] for v in routes.values())
+
+
+@needs_no_gpu
+def test_gpu_check_reports_no_device_here(tmp_path):
+    """The script parses, runs its phases that need no GPU, says "no device" and exits 3."""
+    import json
+
+    script = os.path.join(ROOT, "benchmarks", "gpu_check", "run.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "BUDGET": "60"}
+    env.pop("FASTBP_BACKEND", None)
+    proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "no device:" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["exit_status"] == 3 and [p["phase"] for p in summary["phases"]][-2:] == ["env", "device"]
+    assert (tmp_path / "log.txt").read_text().count("=== ") >= 4 and (tmp_path / "env.json").exists()
+
+
+def test_gpu_peers_tf32_switch_for_torch():
+    """torch >= 2.9: fp32_precision, never the deprecated allow_tf32 flags (mixing them raises there)."""
+    torch = pytest.importorskip("torch")
+    peers = _load_script("benchmarks/gpu_peers.py")
+    matmul = torch.backends.cuda.matmul
+    before = getattr(matmul, "fp32_precision", None)
+    try:
+        api = peers.set_torch_tf32(torch, True)
+        assert api == ("fp32_precision" if before is not None else "allow_tf32")
+        if before is not None:
+            assert matmul.fp32_precision == "tf32"
+            peers.set_torch_tf32(torch, False)
+            assert matmul.fp32_precision == "ieee"
+    finally:
+        if before is not None:
+            matmul.fp32_precision = before
 
 
 def _training_loop_available() -> bool:
