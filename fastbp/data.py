@@ -4,10 +4,11 @@
 ``shape``, a ``dtype`` and row indexing (an h5py dataset, say), streams it: each epoch's
 permutation is cut into chunks of whole global mini-batches, and a chunk's rows are read in
 sorted order (sequential pages of the file; h5py asks for increasing indices too), cast to the
-model dtype and scattered back into batch order in one preallocated buffer. Memory is bounded by
-the chunk size, not by the data set: two chunks of model-dtype rows (one without prefetch), one of
-source-dtype rows (and one more of model-dtype rows when the dtypes differ), plus the permutation. The next chunk can be read by a background thread while the current
-one trains (``prefetch``).
+model dtype and gathered back into batch order in a preallocated buffer. Memory is bounded by the
+chunk size, not by the data set: one chunk of model-dtype rows (two with prefetch), one of
+source-dtype rows (and one more of model-dtype rows when the dtypes differ), plus the permutation.
+The next chunk can be read by a background thread while the current one trains (``prefetch``; off
+by default, as measured).
 
 Under MPI the same path reads, for each global batch, only the rows of this rank's share
 (:func:`fastbp.parallel.share_bounds`), so a rank touches ``1/size`` of the file per epoch.
@@ -31,7 +32,10 @@ from .parallel import share_bounds as _share
 __all__ = ["BatchStream", "Chunk", "check_streamed", "is_streamed", "sources", "train_epoch"]
 
 DEFAULT_CHUNK_BYTES = 32 << 20  # model-dtype bytes of X and Y rows per chunk
-DEFAULT_PREFETCH = True  # read the next chunk in a thread while this one trains (see benchmarks/)
+# Read the next chunk in a thread while this one trains? Measured off by default: on the issue's
+# 3M x 128 memmap (warm page cache, 2 cores) the thread made epochs 1.2x slower, since the compiled
+# Numba epoch holds the GIL and the reader competes for the cores (benchmarks/out_of_core.py).
+DEFAULT_PREFETCH = False
 
 
 def is_streamed(x) -> bool:
@@ -200,7 +204,8 @@ class BatchStream:
     backend : the model's backend (rows reach it once per chunk)
     share : (rank, size) or None; under MPI this rank reads only its share of every batch
     chunk_bytes : model-dtype bytes of one chunk of this rank's X and Y rows (at least one batch)
-    prefetch : read the next chunk in a background thread (None: when an epoch has several chunks)
+    prefetch : read the next chunk in a background thread (None: ``DEFAULT_PREFETCH`` when an
+        epoch has several chunks)
     n : train on rows ``[0, n)`` only (None: all of them)
     """
 
