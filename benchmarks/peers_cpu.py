@@ -30,7 +30,8 @@ with min/max and every repeat is kept; torch runs with its default threads and w
 JAX in both forms (per-step jit, whole epoch as one lax.scan), and the fastest of each is the one
 compared; FLOPs count the matrix products only (fastbp.bench.timing); the ceilings are this
 machine's own GEMM rates, a 4096^3 SGEMM at the start and at the end and every product of each
-workload's step at its shapes. The machine (CPU, cores, BLAS and threads, versions, load before
+workload's step at its shapes (NumPy's and fastbp's BLAS), and XLA's own 4096^3 SGEMM (JAX brings
+its own GEMM kernels, which can be faster than that BLAS). The machine (CPU, cores, BLAS and threads, versions, load before
 and after every workload) goes into the JSON.
 
 The machine may be shared: /proc/stat tells how much CPU other processes used during each repeat;
@@ -574,6 +575,13 @@ def main(argv=None) -> int:
     record["sgemm_start"], record["sgemm_start_others_cores"] = guard.run(
         lambda: measure_matmul_peak("float32", args.sgemm_n), "sgemm start", [])
     say(f"[sgemm] {record['sgemm_start']['gflops_best']:.1f} GFLOP/s")
+    if "jax" in args.peers:  # XLA has its own GEMM kernels: JAX's ceiling, beside NumPy's BLAS
+        try:
+            record["xla_sgemm"], record["xla_sgemm_others_cores"] = guard.run(
+                lambda: peers.jax_matmul_rate(args.sgemm_n, threads=args.threads), "xla sgemm", [])
+            say(f"[sgemm] XLA's own: {record['xla_sgemm']['gflops_best']:.1f} GFLOP/s")
+        except ImportError as exc:
+            record["xla_sgemm"] = {"unavailable": str(exc)}
 
     specs_for = {name: {o: OptimizerSpec.make(o, default_lr(o, cfg["lr"])) for o in args.optimizer}
                  for name, cfg in WORKLOADS.items()}

@@ -353,6 +353,8 @@ def test_peers_cpu_script_records_every_repeat_and_the_machine(tmp_path):
     assert mach["cpu_model"] and mach["cpus"]["usable"] >= 1 and mach["versions"]["numpy"]
     assert any(p.get("user_api") == "blas" and p["num_threads"] >= 1 for p in mach["blas"])
     assert record["sgemm_start"]["gflops_best"] > 0 and record["sgemm_end"]["gflops_best"] > 0
+    if HAS_JAX:
+        assert record["xla_sgemm"]["gflops_best"] == max(record["xla_sgemm"]["gflops"]) > 0
     assert [s["when"] for s in record["load"]][0] == "start" and record["load"][-1]["when"] == "end"
     rec = record["workloads"]["tiny_2_8_1_batch1"]
     assert rec["load_before"]["load_average"] is not None and rec["load_after"]["load_average"] is not None

@@ -425,6 +425,30 @@ def jax_throughput(sizes, activation, loss, X, Y, batch_size, lr, epochs, dtype=
     return result
 
 
+def jax_matmul_rate(n: int = 4096, dtype: str = "float32", repeat: int = 5, threads=None) -> dict:
+    """XLA's own GEMM rate here: a jitted ``n x n @ n x n``, best of ``repeat`` (compile and warm-up first).
+
+    XLA brings its own GEMM kernels (not the BLAS NumPy and fastbp use), so this is the
+    ceiling JAX's figures are to be read against, beside NumPy's.
+    """
+    jax, threads_note = _import_jax(threads)
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        jax.config.update("jax_enable_x64", True)
+    rng = np.random.default_rng(0)
+    a, b = (jax.device_put(rng.random((n, n), dtype=np.dtype(dtype).type)) for _ in range(2))
+    gemm = jax.jit(lambda x, y: x @ y)
+    gemm(a, b).block_until_ready()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        gemm(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    gflops = [2.0 * n**3 / t / 1e9 for t in times]
+    return {"how": f"jax.jit(x @ y), {n}x{n} @ {n}x{n} {dtype}, {jax.devices()[0]}", "n": n, "times_s": times,
+            "gflops": gflops, "gflops_best": max(gflops), "gflops_median": float(np.median(gflops)),
+            "threads_note": threads_note, "jax": jax.__version__}
+
+
 # ---------------------------------------------------------------------------- scikit-learn
 def sklearn_mlp_fit(sizes, activation, loss, X, Y, batch_size, lr, epochs, dtype="float32", threads=None, *,
                     seed=0, optimizer="sgd", momentum=DEFAULT_MOMENTUM, X_test=None, Y_test=None,
