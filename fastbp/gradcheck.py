@@ -45,6 +45,7 @@ def gradcheck(net, X, Y=None, eps: float = 1e-5, floor: float = 1e-3, max_params
     """
     from .network import MLP
 
+    seed = check.seed("seed", seed)  # numpy's own error for a bad seed would not name it
     if not isinstance(net, MLP) and callable(net):
         return _gradcheck_function(net, X, Y, eps, floor, max_params, seed)
     if not isinstance(net, MLP):

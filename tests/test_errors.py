@@ -379,3 +379,20 @@ def test_sizes_helper_rejects_unordered_and_nested(sizes):
     with pytest.raises(TypeError, match="sizes must be a (flat )?sequence of ints"):
         check.sizes("sizes", sizes)
     assert check.sizes("sizes", np.array([3, 2])) == [3, 2] and check.sizes("sizes", range(2, 4)) == [2, 3]
+
+
+@pytest.mark.parametrize("seed,exc,match", [(-1, ValueError, r"seed out of range. Received: seed=-1"),
+                                            ("a", TypeError, r"seed must be None or an int >= 0. Received: seed='a'"),
+                                            (1.5, TypeError, "seed must be")])
+def test_gradcheck_seed_errors_name_seed(net, seed, exc, match):
+    """numpy's own message (e.g. 'expected non-negative integer') never said which argument."""
+    with pytest.raises(exc, match=match):
+        fb.gradcheck(net, GOOD_X, GOOD_Y, max_params=3, seed=seed)
+
+
+def test_fit_refuses_an_lr_that_is_zero_in_float32_and_changes_nothing(net):
+    before = _snapshot(net)
+    with pytest.raises(ValueError, match=r"lr does not fit the model's dtype. Received: lr=1e-320"):
+        net.fit(GOOD_X, GOOD_Y, lr=1e-320, progress=False)
+    for a, b in zip(before, _snapshot(net)):
+        np.testing.assert_array_equal(a, b)

@@ -86,3 +86,97 @@ def test_numpy_scratch_is_per_thread_and_goes_with_the_thread(numpy_backend):
     t.join()
     assert seen["bytes"] > 0
     assert be.scratch_bytes() == 0  # this thread's cache is its own
+
+
+# ---------------------------------------------------------------- models: chunks and workspaces
+def _kept_after(call):
+    """Bytes still allocated (by NumPy, traced) after ``call()`` returns, less what it returned."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        result = call()
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - base - getattr(result, "nbytes", 0)
+    finally:
+        tracemalloc.stop()
+    return kept, result
+
+
+def test_predict_and_loss_on_many_rows_keep_little_memory(backend):
+    """predict on 200000 x 20 (a 20-512-512-3 net) used to keep 1.6 GB of forward and backward
+    buffers sized to the input; here 20-32-32-3 to stay fast, which kept 160 MB the same way."""
+    net = fb.MLP([20, 32, 32, 3], activation="relu", loss="cross_entropy", seed=0)
+    X = np.random.default_rng(0).normal(size=(200000, 20)).astype(np.float32)
+    Y = np.zeros(200000, dtype=np.int64)
+    kept, out = _kept_after(lambda: net.predict(X))
+    assert out.shape == (200000, 3) and kept < 64 << 20, kept
+    kept, _ = _kept_after(lambda: net.loss(X, Y))
+    assert kept < 64 << 20, kept
+    assert getattr(net._local, "backward", None) is None  # predict and loss keep no backward buffers
+
+
+def test_chunked_predict_loss_and_gradients_equal_one_chunk(backend, monkeypatch):
+    """Chunks change nothing but memory: tiny chunks give the numbers of one big one."""
+    import fastbp.network as network
+
+    X, Y = make_data(103, 7, 4, "cross_entropy", seed=4)
+    args = dict(activation="tanh", loss="cross_entropy", seed=5, dtype="float64")
+    whole = fb.MLP([7, 9, 4], **args)
+    monkeypatch.setattr(network, "_FORWARD_BYTES", 7 * 8 * 10)  # a few rows per chunk
+    monkeypatch.setattr(network, "_BACKWARD_BYTES", 7 * 8 * 10)
+    small = fb.MLP([7, 9, 4], **args)
+    assert small._rows[False] < 10 and small._rows[True] < 10 and whole._rows[False] > 103
+    np.testing.assert_allclose(small.predict(X), whole.predict(X), rtol=1e-13, atol=1e-15)
+    assert small.loss(X, Y) == pytest.approx(whole.loss(X, Y), rel=1e-13)
+    for a, b in zip(sum(small.gradients(X, Y), []), sum(whole.gradients(X, Y), [])):
+        np.testing.assert_allclose(fb.to_numpy(a), fb.to_numpy(b), rtol=1e-12, atol=1e-15)
+    assert small._evaluate(*small._inputs_targets(X, Y)) == pytest.approx(whole._evaluate(*whole._inputs_targets(X, Y)))
+    h1 = small.fit(X, Y, epochs=2, batch_size=None, progress=False, shuffle=False)  # full batch: chunked
+    h2 = whole.fit(X, Y, epochs=2, batch_size=None, progress=False, shuffle=False)
+    np.testing.assert_allclose(list(h1), list(h2), rtol=1e-12)
+
+
+def test_workspaces_are_bounded_in_bytes_over_many_input_sizes(backend, monkeypatch):
+    import fastbp.network as network
+
+    monkeypatch.setattr(network, "_FORWARD_BYTES", 1 << 16)
+    monkeypatch.setattr(network, "_BACKWARD_BYTES", 1 << 17)
+    net = fb.MLP([10, 64, 5], activation="relu", seed=0)
+    rng = np.random.default_rng(0)
+    for n in range(1, 3000, 97):
+        X, Y = rng.normal(size=(n, 10)), rng.normal(size=(n, 5))
+        net.predict(X)
+        net.gradients(X, Y)
+        kept = sum(a.nbytes for kind in ("forward", "backward") for ws in [getattr(net._local, kind)]
+                   for a in {id(x): x for x in ws.Z + ws.A + ws.D}.values())
+        assert kept <= (1 << 16) + (1 << 17)
+
+
+def test_workspaces_go_with_the_model_and_with_the_thread(backend):
+    import gc
+    import threading
+    import weakref
+
+    net = fb.MLP([5, 8, 2], seed=0)
+    X = np.ones((30, 5))
+    net.predict(X)
+    buffer = weakref.ref(net._local.forward.Z[0])
+    in_thread = {}
+
+    def work():
+        net.predict(X)
+        in_thread["ref"] = weakref.ref(net._local.forward.Z[0])
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    gc.collect()
+    assert in_thread["ref"]() is None  # the thread's own workspace ended with it
+    assert buffer() is not None
+    del net
+    gc.collect()
+    assert buffer() is None  # and this thread's with the model

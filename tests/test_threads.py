@@ -1,5 +1,6 @@
 """Threads: backend selection that stays in its thread, and models used from several threads."""
 
+import io
 import threading
 
 import numpy as np
@@ -82,3 +83,168 @@ def test_threads_in_their_own_scopes_build_models_on_their_own_backend(name):
         t.join()
     assert wrong == []
 
+
+
+# ---------------------------------------------------------------- one model, several threads
+def _pause_first_call(monkeypatch, be, method, thread_name):
+    """Make ``thread_name``'s first call of ``be.method`` wait until released: the test then
+    runs another thread's whole call on the same model in between, deterministically."""
+    paused, release = threading.Event(), threading.Event()
+    real = getattr(be, method)
+
+    def wrapper(*args, **kwargs):
+        if threading.current_thread().name == thread_name and not paused.is_set():
+            paused.set()
+            assert release.wait(timeout=30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(be, method, wrapper)
+    return paused, release
+
+
+def _interleaved(monkeypatch, be, method, first, second):
+    """``first()`` in a thread paused inside ``be.method`` while ``second()`` runs whole; returns both."""
+    paused, release = _pause_first_call(monkeypatch, be, method, "first")
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("first", first()), name="first")
+    t.start()
+    assert paused.wait(timeout=30)
+    out["second"] = second()
+    release.set()
+    t.join(timeout=60)
+    return out["first"], out["second"]
+
+
+@pytest.fixture
+def model(backend):
+    net = fb.MLP([6, 16, 16, 3], activation="tanh", loss="cross_entropy", seed=0, dtype="float64")
+    rng = np.random.default_rng(1)
+    X1, X2 = rng.normal(size=(40, 6)), rng.normal(size=(40, 6))  # same size: they shared one workspace
+    Y1, Y2 = rng.integers(0, 3, 40), rng.integers(0, 3, 40)
+    return net, X1, X2, Y1, Y2
+
+
+def test_predict_interleaved_with_another_threads_predict_on_one_model(backend, model, monkeypatch):
+    """Two threads' predicts on one model used to share its workspaces: 6-13 wrong of 200."""
+    net, X1, X2, _, _ = model
+    want1, want2 = net.predict(X1), net.predict(X2)
+    got1, got2 = _interleaved(monkeypatch, backend, "add_bias", lambda: net.predict(X1), lambda: net.predict(X2))
+    np.testing.assert_array_equal(got1, want1)
+    np.testing.assert_array_equal(got2, want2)
+
+
+def test_loss_and_gradients_interleaved_on_one_model(backend, model, monkeypatch):
+    net, X1, X2, Y1, Y2 = model
+    want = net.loss(X1, Y1), net.gradients(X1, Y1), net.loss(X2, Y2), net.gradients(X2, Y2)
+    got1, got2 = _interleaved(monkeypatch, backend, "output_delta",
+                              lambda: net.gradients(X1, Y1), lambda: net.gradients(X2, Y2))
+    for got, ref in ((got1, want[1]), (got2, want[3])):
+        for a, b in zip(sum(got, []), sum(ref, [])):
+            np.testing.assert_array_equal(fb.to_numpy(a), fb.to_numpy(b))
+    got1, got2 = _interleaved(monkeypatch, backend, "loss_sum", lambda: net.loss(X1, Y1), lambda: net.loss(X2, Y2))
+    assert (got1, got2) == (want[0], want[2])
+
+
+def test_many_threads_predicting_on_one_model_agree_with_one_thread(backend, model):
+    net, X1, X2, _, _ = model
+    batches = [X1, X2, X1[:17], X2[::2]]
+    want = [net.predict(X) for X in batches]
+    barrier = threading.Barrier(4, timeout=30)
+    wrong = []
+
+    def work(i):
+        barrier.wait()
+        for _ in range(30):  # BLAS may round differently when called from two threads at once
+            if not np.allclose(net.predict(batches[i]), want[i], rtol=1e-12, atol=1e-14):
+                wrong.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+def _fit_in_thread(net, X, Y, **kwargs):
+    """Start ``net.fit`` in a thread held inside its first epoch; returns (thread, release, result)."""
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(epoch, logs):
+        if epoch == 0:
+            inside.set()
+            assert release.wait(timeout=30)
+
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault(
+        "history", net.fit(X, Y, epochs=2, batch_size=8, callbacks=[hold], progress=False, **kwargs)), name="fitter")
+    t.start()
+    assert inside.wait(timeout=30)
+    return t, release, result
+
+
+def test_calls_during_another_threads_fit_are_refused_clearly(backend, model):
+    """A fit with predicts in another thread used to end at a wrong loss, silently."""
+    net, X1, X2, Y1, _ = model
+    t, release, result = _fit_in_thread(net, X1, Y1)
+    try:
+        for call in (lambda: net.predict(X2), lambda: net.loss(X1, Y1), lambda: net.gradients(X1, Y1),
+                     lambda: net.get_params(), lambda: net.fit(X1, Y1, progress=False),
+                     lambda: net.set_params(*net.get_params()), lambda: net.save(io.BytesIO())):
+            with pytest.raises(RuntimeError, match=r"refused: thread 'fitter' is running MLP.fit on this model.*"
+                                                   r"Wait for fit to return"):
+                call()
+    finally:
+        release.set()
+        t.join(timeout=60)
+    assert len(result["history"]) == 2
+    net.predict(X2)  # free again
+
+
+def test_fit_waits_for_predicts_in_flight_and_predict_sees_one_model(backend, model, monkeypatch):
+    """A predict that started before the fit finishes on the parameters it started with."""
+    net, X1, X2, Y1, _ = model
+    before = net.predict(X2)
+    paused, release = _pause_first_call(monkeypatch, backend, "add_bias", "reader")
+    out = {}
+    reader = threading.Thread(target=lambda: out.setdefault("p", net.predict(X2)), name="reader")
+    reader.start()
+    assert paused.wait(timeout=30)
+    fitter = threading.Thread(target=lambda: out.setdefault("h", net.fit(X1, Y1, epochs=1, progress=False)))
+    fitter.start()
+    fitter.join(timeout=0.3)
+    assert fitter.is_alive() and "h" not in out  # fit is waiting for the predict in flight
+    release.set()
+    reader.join(timeout=60)
+    fitter.join(timeout=60)
+    np.testing.assert_array_equal(out["p"], before)
+    assert len(out["h"]) == 1
+    assert not np.array_equal(net.predict(X2), before)  # and fit did train afterwards
+
+
+def test_fit_callbacks_may_use_the_model_in_the_fitting_thread(backend, model):
+    net, X1, _, Y1, _ = model
+    seen = []
+    net.fit(X1, Y1, epochs=2, batch_size=8, progress=False,
+            callbacks=[lambda epoch, logs: seen.append((net.loss(X1, Y1), net.predict(X1[:2]).shape))])
+    assert len(seen) == 2 and seen[0][1] == (2, 3)
+
+
+def test_threads_with_their_own_models_train_independently(backend):
+    """Two models fitted in two threads at once end where one thread alone takes them."""
+    X, Y = make_data(48, 5, 3, "cross_entropy", labels=True)
+
+    def train():
+        net = fb.MLP([5, 12, 3], activation="relu", loss="cross_entropy", seed=3, dtype="float64")
+        net.fit(X, Y, epochs=3, batch_size=8, optimizer="adam", seed=0, progress=False)
+        return fb.to_numpy(net._params).copy()
+
+    alone = train()
+    results = [None, None]
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, train())) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:  # to rounding: BLAS may block a GEMM differently when two run at once
+        np.testing.assert_allclose(r, alone, rtol=1e-11, atol=1e-13)
