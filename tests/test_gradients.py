@@ -3,7 +3,7 @@ central finite differences (float64)."""
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fastbp as fb
@@ -56,6 +56,7 @@ def test_float32_matches_float64_reference(backend, loss):
        activation=st.sampled_from(ACTIVATIONS), loss=st.sampled_from(LOSSES),
        n=st.integers(1, 6), seed=st.integers(0, 2**16), data=st.data())
 def test_gradients_match_central_differences(backend, sizes, activation, loss, n, seed, data):
+    assume(loss != "cross_entropy" or sizes[-1] >= 2)  # a softmax over one output is refused
     output = data.draw(st.sampled_from([None] + OUTPUTS[loss]))
     net = fb.MLP(sizes, activation=activation, loss=loss, output=output, dtype="float64", seed=seed)
     # Nonzero biases: with zero ones a dead relu layer puts the next z exactly on the kink at 0,
