@@ -81,6 +81,42 @@ def fit_case(seed, fit_data, kwargs, comm=None):
     return net._params.copy(), dict(history.history), net.optimizer.state.steps
 
 
+class HostStaged(np.ndarray):
+    """Stands in for a CuPy array on the host: only ``get(out=)`` and ``set()`` reach MPI."""
+
+    def get(self, out):
+        np.copyto(out, self.view(np.ndarray))
+        return out
+
+    def set(self, host):
+        np.copyto(self.view(np.ndarray), host)
+
+
+class FakeGpu:
+    """A backend that says it is a GPU, so the Collective stages buffers through the host."""
+
+    is_gpu = True
+    synchronized = 0
+
+    def synchronize(self):
+        self.synchronized += 1
+
+
+def staged_allreduce(comm):
+    """The host-staged allreduce and broadcast the CuPy backend takes, on stand-in device arrays:
+    rank r holds the mean gradient ``r + 1`` of a share of ``r + 1`` rows of a batch."""
+    from fastbp.parallel import Collective
+
+    coll = Collective(comm, FakeGpu())
+    rank, size = comm.Get_rank(), comm.Get_size()
+    grads = np.full(5, rank + 1.0, np.float32).view(HostStaged)
+    total_rows = size * (size + 1) // 2
+    loss, correct = coll.allreduce_gradients(grads, rank + 1, total_rows, loss_sum=2.0 * (rank + 1), n_correct=rank)
+    params = np.full(3, float(rank), np.float64).view(HostStaged)
+    coll.broadcast_(params)
+    return coll.cuda_aware, np.asarray(grads).copy(), loss, correct, np.asarray(params).copy()
+
+
 def _error(exc):
     return type(exc).__name__, str(exc)
 
@@ -99,6 +135,7 @@ def main(case, outdir, memmap_dir=None):
         net = model(seed=rank)
         history = training.fit(net, X, y, epochs=2, batch_size=9, optimizer="adam", progress=False, comm=comm)
         out["rank0_wins"] = (net._params.copy(), list(history), net._rng.bit_generator.state)
+        out["staged"] = staged_allreduce(comm)
     elif case == "errors":
         X, y = data()
         net = model()

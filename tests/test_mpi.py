@@ -117,6 +117,18 @@ def test_rank_0_parameters_and_shuffle_stream_are_broadcast(equivalence):
         assert rng_state == net._rng.bit_generator.state  # every rank's stream continues as rank 0's
 
 
+def test_host_staged_allreduce_for_gpu_buffers(equivalence):
+    records = equivalence[1]
+    size = len(records)
+    rows = np.arange(1, size + 1, dtype=float)  # rank r: r + 1 rows whose mean gradient is r + 1
+    for rec in records:
+        cuda_aware, grads, loss, correct, params = rec["staged"]
+        assert cuda_aware is False  # the MPICH wheel reports no CUDA support: buffers go via the host
+        np.testing.assert_allclose(grads, np.full(5, (rows * rows).sum() / rows.sum()), rtol=1e-6)
+        assert loss == 2.0 * rows.sum() and correct == sum(range(size))
+        np.testing.assert_array_equal(params, np.zeros(3))  # rank 0's
+
+
 @pytest.mark.parametrize("n_ranks", [2, 3])
 def test_bad_input_and_divergence_raise_alike_on_every_rank(tmp_path, n_ranks):
     records = run_ranks(n_ranks, "errors", tmp_path)
