@@ -26,7 +26,7 @@ test: $(VENV)/.test
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.bench
-	$(VENV)/bin/fastbp bench --out benchmarks/results/bench-latest.json --plot benchmarks/results/bench-latest.png $(BENCH_ARGS)
+	$(VENV)/bin/fastbp bench --out benchmarks/results/latest/bench.json --plot benchmarks/results/latest/bench.png $(BENCH_ARGS)
 
 # PyTorch (CPU build, an optional extra) and scikit-learn measured side by side in the same run.
 $(VENV)/.torch: $(VENV)/.bench
@@ -39,11 +39,11 @@ $(VENV)/.jax: $(VENV)/.bench
 	touch $@
 
 bench-peers: $(VENV)/.torch $(VENV)/.jax
-	$(VENV)/bin/fastbp bench --peers torch,jax,sklearn --out benchmarks/results/bench-peers-latest.json $(BENCH_ARGS)
+	$(VENV)/bin/fastbp bench --peers torch,jax,sklearn --out benchmarks/results/latest/bench-peers.json $(BENCH_ARGS)
 
 # The same beside one busy-loop process: each throughput as a share of the quiet run.
 bench-contended: $(VENV)/.torch
-	$(VENV)/bin/fastbp bench --contended --peers torch --out benchmarks/results/bench-contended-latest.json $(BENCH_ARGS)
+	$(VENV)/bin/fastbp bench --contended --peers torch --out benchmarks/results/latest/bench-contended.json $(BENCH_ARGS)
 
 # The Numba backend against PyTorch eager, JAX and scikit-learn on issue 10's five CPU workloads
 # (PEERS_ARGS: e.g. --optimizer sgd,adam --contended, or --quick for a smoke run).

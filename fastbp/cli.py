@@ -105,16 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
             "pass (same model, same batch), and MLP.fit training throughput from per-example SGD (batch 1) "
             "to full batch. Warm-up first; JIT compile time reported on its own; medians with min-max over "
             "repeats; FLOP rates against the machine's measured matmul rate. Prints tables; --out writes "
-            "every raw figure and the machine description as JSON."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+            "every raw figure and the machine description as JSON."))
     b.add_argument("--backends", type=_names("--backends", fb.BACKEND_NAMES, ("all",)), default=None,
                    help="comma-separated backends to run (default: every backend usable here; "
                         "unavailable ones are listed with the reason)")
     b.add_argument("--sizes", type=_sizes, default=None,
                    help=f"layer sizes, inputs first (default {','.join(map(str, d.sizes))})")
     b.add_argument("--activation", choices=ELEMENTWISE_ACTIVATIONS, default=d.activation,
-                   help="hidden-layer activation")
-    b.add_argument("--loss", choices=LOSSES, default=d.loss, help="loss")
+                   help=f"hidden-layer activation (default {d.activation})")
+    b.add_argument("--loss", choices=LOSSES, default=d.loss, help=f"loss (default {d.loss})")
     b.add_argument("--batch-sizes", type=_batch_sizes, default=None,
                    help="training batch sizes; 'full' = the whole training set (default "
                         f"{','.join(map(str, d.batch_sizes))}; --quick {','.join(map(str, q.batch_sizes))})")
@@ -123,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or the largest batch size if that is larger)")
     b.add_argument("--grad-batch", type=_positive(int, "--grad-batch"), default=None,
                    help=f"batch of the loop-vs-vectorized gradient (default {d.grad_batch}, --quick {q.grad_batch})")
-    b.add_argument("--dtype", choices=bench.DTYPES, default=d.dtype, help="floating-point type")
+    b.add_argument("--dtype", choices=bench.DTYPES, default=d.dtype, help=f"floating-point type (default {d.dtype})")
     b.add_argument("--repeat", type=_positive(int, "--repeat"), default=None,
                    help=f"timed repeats per figure (default {d.repeat}, --quick {q.repeat})")
     b.add_argument("--min-time", type=_positive(float, "--min-time"), default=None,
@@ -133,9 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--optimizer adam)")
     b.add_argument("--optimizer", choices=bench_optimizer.NAMES, default=d.optimizer,
                    help=f"update rule for fastbp and every peer alike: plain SGD, SGD with momentum "
-                        f"{bench_optimizer.DEFAULT_MOMENTUM}, or Adam (torch.optim's formulas)")
+                        f"{bench_optimizer.DEFAULT_MOMENTUM}, or Adam (torch.optim's formulas; default {d.optimizer})")
     b.add_argument("--seed", type=_positive(int, "--seed", minimum=0), default=d.seed,
-                   help="seed of the model and the synthetic data")
+                   help=f"seed of the model and the synthetic data (default {d.seed})")
     b.add_argument("--threads", type=_positive(int, "--threads"), default=None,
                    help="cap BLAS/OpenMP threads (threadpoolctl semantics) and Numba threads for the run, "
                         "torch's threads and (for 1) JAX's (default: the libraries' own settings, recorded "
@@ -247,8 +246,8 @@ def _cmd_report(args, parser) -> int:
             result = json.load(f)
     except OSError as exc:
         parser.error(f"argument FILE.json: cannot read {args.file!r}: {exc.strerror}")
-    except json.JSONDecodeError as exc:
-        parser.error(f"argument FILE.json: {args.file!r} is not JSON ({exc})")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        parser.error(f"argument FILE.json: {args.file!r} is not JSON text ({exc})")
     if not isinstance(result, dict) or result.get("schema") != bench.SCHEMA:
         found = result.get("schema") if isinstance(result, dict) else type(result).__name__
         parser.error(f"argument FILE.json: {args.file!r} is not a fastbp bench record. Received: schema "

@@ -1018,7 +1018,7 @@ def to_dot(root: Tensor) -> str:
 
 _DRAW_FORMATS = ("svg", "png", "pdf")
 _GRAPHVIZ_HELP = ("graph.draw renders with the graphviz Python package and Graphviz's `dot` program, and {missing}. "
-                  "Install both: pip install 'fastbp[graph]' (the Python package) and apt-get install graphviz "
+                  "Install both: pip install graphviz (the Python package; '.[graph]' in the fastbp checkout) and apt-get install graphviz "
                   "(Debian/Ubuntu; brew install graphviz on macOS, conda install graphviz in conda). "
                   "graph.to_dot(node) needs neither")
 
@@ -1026,7 +1026,7 @@ _GRAPHVIZ_HELP = ("graph.draw renders with the graphviz Python package and Graph
 def draw(root: Tensor, path, *, format: str | None = None) -> Path:
     """Render :func:`to_dot` of ``root`` to ``path`` (SVG, PNG or PDF, from the suffix or ``format``).
 
-    Needs the ``graphviz`` Python package (``pip install 'fastbp[graph]'``) and Graphviz's
+    Needs the ``graphviz`` Python package (``pip install graphviz``) and Graphviz's
     ``dot`` program (Debian package ``graphviz``); raises ImportError naming both when either
     is missing, and writes nothing then. Returns the path written.
     """

@@ -36,7 +36,7 @@ How scikit-learn's formulas map onto fastbp's update rules (torch.optim's):
   regressor's squared error is averaged over the outputs as scikit-learn's is (its gradient is
   not, in either library).
 
-scikit-learn is an optional extra (``pip install 'fastbp[sklearn]'``); ``import fastbp`` never
+scikit-learn is an optional extra (``pip install '.[sklearn]' in the checkout, or pip install scikit-learn``); ``import fastbp`` never
 imports it, this module does.
 """
 
@@ -49,7 +49,7 @@ import warnings
 
 import numpy as np
 
-_INSTALL = "pip install 'fastbp[sklearn]'"
+_INSTALL = "pip install '.[sklearn]' in the checkout, or pip install scikit-learn"
 
 try:
     import sklearn

@@ -168,6 +168,9 @@ class Backend:
     has_compiled_epoch: bool = False
     xp: Any = np  # the array module (numpy or cupy)
 
+    def __repr__(self) -> str:
+        return f"<fastbp {self.name} backend>"
+
     # ------------------------------------------------------------ arrays
     def asarray(self, x, dtype=None):
         """A C-contiguous array on this backend (copies only when needed)."""

@@ -131,9 +131,10 @@ class NumpyBackend(Backend):
             np.tanh(z, out=out)
         elif name == "relu":
             np.maximum(z, 0.0, out=out)
-        elif name == "leaky_relu":
-            np.multiply(z, LEAKY_SLOPE, out=out)
-            np.maximum(z, out, out=out)
+        elif name == "leaky_relu":  # max(z, slope z); the scaled copy must not overwrite z itself
+            scaled = out if out is not z else self._buf("leaky", z.shape, z.dtype)
+            np.multiply(z, LEAKY_SLOPE, out=scaled)
+            np.maximum(z, scaled, out=out)
         elif name == "identity":
             if out is not z:
                 np.copyto(out, z)

@@ -189,6 +189,16 @@ def test_report_refuses_a_file_that_is_not_a_record(tmp_path):
     assert "not a fastbp bench record" in proc.stderr and "something-else" in proc.stderr
     missing = fastbp("report", str(tmp_path / "absent.json"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+    binary = tmp_path / "model.npz"
+    binary.write_bytes(bytes(range(256)) * 4)
+    garbled = fastbp("report", str(binary))
+    assert garbled.returncode == 2 and "is not JSON text" in garbled.stderr and "Traceback" not in garbled.stderr
+
+
+def test_bench_help_states_each_default_once_and_truly():
+    text = " ".join(fastbp("bench", "--help").stdout.split())
+    assert "(default: True)" not in text and "(default: None)" not in text
+    assert text.count("(default sigmoid)") == 1 and "(default: sigmoid)" not in text
 
 
 def test_missing_peers_never_fail_the_run(tmp_path):

@@ -51,7 +51,8 @@ def test_float32_matches_float64_reference(backend, loss):
                                    **TOL["float32"])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True,  # the same cases in every CI run
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sizes=st.lists(st.integers(1, 6), min_size=2, max_size=4),
        activation=st.sampled_from(ACTIVATIONS), loss=st.sampled_from(LOSSES),
        n=st.integers(1, 6), seed=st.integers(0, 2**16), data=st.data())

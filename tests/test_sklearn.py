@@ -673,7 +673,7 @@ def test_import_fastbp_sklearn_without_sklearn_says_how_to_install():
             "try:\n    import fastbp.sklearn\nexcept ImportError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "pip install 'fastbp[sklearn]'" in out.stdout
+    assert "pip install scikit-learn" in out.stdout
 
 
 def test_rejected_fit_leaves_a_fitted_estimator_as_it_was():

@@ -253,3 +253,17 @@ def test_fit_threads_limits_blas_for_the_fit_and_restores_it(backend):
     assert blas_threads() == before
     with pytest.raises(ValueError, match="threads out of range"):
         net.fit(X, Y, threads=0)
+
+
+def test_backend_prints_its_name(backend):
+    assert repr(fb.MLP([2, 1]).backend) == f"<fastbp {backend.name} backend>"
+
+
+def test_leaky_relu_in_place_equals_out_of_place(backend):
+    z = backend.asarray(np.linspace(-2, 2, 12).reshape(3, 4), np.float64)
+    out = backend.empty(z.shape, np.float64)
+    backend.activation("leaky_relu", z, out)
+    backend.activation("leaky_relu", z, z)  # out is z: the scaled copy must not clobber z first
+    np.testing.assert_array_equal(fb.to_numpy(z), fb.to_numpy(out))
+    np.testing.assert_allclose(fb.to_numpy(out), np.where(np.linspace(-2, 2, 12) > 0, 1, 0.01).reshape(3, 4)
+                               * np.linspace(-2, 2, 12).reshape(3, 4), rtol=1e-15)

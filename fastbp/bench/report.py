@@ -363,7 +363,7 @@ def write_json(result: dict[str, Any], path: str) -> None:
 def matplotlib_missing() -> str | None:
     """Why ``--plot`` cannot work here, or None when matplotlib is installed."""
     if importlib.util.find_spec("matplotlib") is None:
-        return "--plot needs matplotlib, which is not installed. To fix: pip install 'fastbp[plot]'"
+        return "--plot needs matplotlib, which is not installed. To fix: pip install matplotlib (or pip install '.[plot]' in the fastbp checkout)"
     return None
 
 
