@@ -464,28 +464,36 @@ static inline double __dmul_rn(double a, double b) { volatile double r = a * b; 
 """
 
 _HARNESS = r"""
+// One OS thread per CUDA thread of a block, reused for every block of the grid in turn (blocks
+// run one after another, so __shared__ as a static is right). Each block gets fresh barriers: a
+// thread that returns early drops out of its block's barriers only.
 template <typename F> static int fb_run(dim3 grid, dim3 block, F body) {
     const unsigned nt = block.x * block.y * block.z;
     if (nt == 0 || nt % 32 != 0 || nt > 1024) return -3;
     blockDim = block; gridDim = grid;
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-            for (unsigned bx = 0; bx < grid.x; ++bx) {
-                std::barrier<> bar(nt);
-                std::unique_ptr<fb_warp_t[]> warps(new fb_warp_t[nt / 32]);
-                std::vector<std::thread> threads;
-                threads.reserve(nt);
-                for (unsigned t = 0; t < nt; ++t)
-                    threads.emplace_back([&, t] {
-                        threadIdx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-                        blockIdx = {bx, by, bz};
-                        fb_block_bar = &bar; fb_warp = &warps[t / 32]; fb_lane = t % 32;
-                        body();
-                        bar.arrive_and_drop();  // an exited thread no longer holds up the others
-                        fb_warp->bar.arrive_and_drop();
-                    });
-                for (auto& th : threads) th.join();
+    const unsigned long long nb = (unsigned long long)grid.x * grid.y * grid.z;
+    std::unique_ptr<std::barrier<>> bar;
+    std::unique_ptr<fb_warp_t[]> warps;
+    auto fresh = [&]() noexcept { bar.reset(new std::barrier<>(nt)); warps.reset(new fb_warp_t[nt / 32]); };
+    fresh();
+    std::barrier<decltype(fresh)> between(nt, fresh);  // all of a block done, next block's barriers made
+    std::vector<std::thread> threads;
+    threads.reserve(nt);
+    for (unsigned t = 0; t < nt; ++t)
+        threads.emplace_back([&, t] {
+            threadIdx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+            fb_lane = t % 32;
+            for (unsigned long long b = 0; b < nb; ++b) {
+                blockIdx = {(unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y),
+                            (unsigned)(b / ((unsigned long long)grid.x * grid.y))};
+                fb_block_bar = bar.get(); fb_warp = &warps[t / 32];
+                body();
+                fb_block_bar->arrive_and_drop();  // an exited thread no longer holds up the others
+                fb_warp->bar.arrive_and_drop();
+                between.arrive_and_wait();
             }
+        });
+    for (auto& th : threads) th.join();
     return 0;
 }
 
@@ -1015,7 +1023,7 @@ def test_emulated_epoch_matches_reference(emu, stub_blas, spec_args, route, sm_c
 
 # every rule on one route, and Adam (two moments, bias corrections) on every route and dtype
 RULE_CASES = ([(name, "graph-raw", 1, "float64") for name in RULES if name != "sgd"]
-              + [("adam", route, sm, dtype) for route, sm in ROUTE_CASES for dtype in DTYPES])
+              + [("adam", route, sm, "float32") for route, sm in ROUTE_CASES])
 
 
 @pytest.mark.parametrize("name, route, sm_count, dtype", RULE_CASES)
@@ -1352,9 +1360,9 @@ def test_supports_epoch_takes_every_rule(fake_backend):
     assert not be.supports_epoch(spec, 8, "loop", RULES["adam"])
 
 
-@pytest.mark.parametrize("fork", [True, False], ids=["fork", "serial"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("route", kc.STEP_ROUTES)
+@pytest.mark.parametrize("route, dtype, fork", [
+    ("graph-cublas", "float64", True), ("graph-cublas", "float32", False), ("graph-raw", "float32", True),
+    ("graph-raw", "float64", False), ("eager", "float64", True)])
 def test_fake_device_train_epoch(emu, stub_lib, monkeypatch, route, dtype, fork):
     be, fake = _fake_backend(emu, stub_lib, monkeypatch, fork=fork)
     be.step_route = route
@@ -1505,7 +1513,7 @@ def test_fake_device_tf32_needs_compute_capability_8(emu, stub_lib, monkeypatch)
     assert be.tf32 is False and fake.compute_types[-1] == (np.dtype(np.float32), "default")
 
 
-@pytest.mark.parametrize("route", ["graph-cublas", "graph-raw", "eager"])
+@pytest.mark.parametrize("route", ["graph-cublas", "eager"])
 def test_fake_device_two_threads_keep_their_own_streams_and_state(fake_backend, route):
     """Two models trained at once in two threads: each thread's epochs match the same epochs run
     alone. The emulated kernels release the GIL, so the threads interleave kernel by kernel; with
@@ -1614,8 +1622,7 @@ def _training_loop_available() -> bool:
 
 
 @pytest.mark.skipif(not _training_loop_available(), reason="fastbp.training (the rule-based fit loop) not present")
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-@pytest.mark.parametrize("batch_size", [1, 7, None])
+@pytest.mark.parametrize("batch_size, optimizer", [(1, "adam"), (7, "sgd"), (7, "adam"), (None, "sgd")])
 def test_fake_device_fit_matches_the_numpy_backend(fake_backend, monkeypatch, batch_size, optimizer):
     """MLP.fit through CupyBackend.train_epoch (graphs replayed per batch) against the NumPy backend."""
     be, fake = fake_backend
