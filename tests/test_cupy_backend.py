@@ -1934,5 +1934,6 @@ def test_gpu_tf32_switch(cupy_be):
     finally:
         be.tf32, be.step_route = original, route
     assert max(errors[False]) < 1e-5 and 1e-5 < errors[True][0] < 1e-2
-    np.testing.assert_array_equal(steps[False][0], steps[False][1])  # FP32 again after the round trip
-    assert 0 < np.abs(steps[True][0] - steps[False][0]).max() < 1e-2  # the captured GEMMs followed the switch
+    back = np.abs(steps[False][1] - steps[False][0]).max()  # FP32 again after the round trip
+    diff = np.abs(steps[True][0] - steps[False][0]).max()  # the captured GEMMs followed the switch
+    assert back <= 1e-7 and 10 * max(back, 1e-7) < diff < 1e-2, (back, diff)
