@@ -211,11 +211,18 @@ def _cmd_bench(args, parser) -> int:
         why = bench_report.matplotlib_missing()
         if why:
             parser.error(f"argument --plot: {why}")
+    requested = os.environ.get("FASTBP_BACKEND", "auto").strip().lower() or "auto"
+    if not cfg.backends and requested in fb.BACKEND_NAMES and requested != "auto":
+        # the environment chose a backend: benchmark that one, never quietly another
+        cfg = dataclasses.replace(cfg, backends=(requested,))
+        source = f"FASTBP_BACKEND={requested}"
+    else:
+        source = "argument --backends"
     if cfg.backends:
         status = bench.backend_status()
         for name in cfg.backends:
             if status.get(name) is not None:
-                parser.error(f"argument --backends: backend {name!r} is unavailable here: {status[name]}. "
+                parser.error(f"{source}: backend {name!r} is unavailable here: {status[name]}. "
                              f"Usable here: {[n for n, why in status.items() if why is None]}")
     result = bench.run(cfg, progress=args.progress, argv=["fastbp"] + list(args.argv))
     written = []  # files first: a closed stdout must not lose the record

@@ -126,27 +126,42 @@ _ROWS_PER_BLOCK = 4  # warps (rows) per block in the row-wise kernels
 _NULL = np.uint64(0)  # a null pointer argument
 _CUDA_DIR = Path(__file__).resolve().parent / "cuda"
 
-_FIX_INSTALL = ("pip install 'fastbp[cuda12]' (NVIDIA driver for CUDA 12) or "
-                "pip install 'fastbp[cuda13]' (driver for CUDA 13); nvidia-smi shows the driver")
+_FIX_INSTALL = ("pip install 'cupy-cuda12x[ctk]' (NVIDIA driver for CUDA 12) or "
+                "pip install 'cupy-cuda13x[ctk]' (driver for CUDA 13) -- from the fastbp checkout: "
+                "pip install -e '.[cuda12]' or '.[cuda13]'; nvidia-smi shows the driver")
 _FIX_DRIVER = ("install or update the NVIDIA driver until nvidia-smi works (cupy-cuda12x needs a "
                "driver for CUDA 12, >= 525; cupy-cuda13x one for CUDA 13, >= 580) and match the "
-               "wheel to it: pip install 'fastbp[cuda12]' or pip install 'fastbp[cuda13]'; "
+               "wheel to it: pip install 'cupy-cuda12x[ctk]' or 'cupy-cuda13x[ctk]'; "
                "without an NVIDIA GPU use a CPU backend: FASTBP_BACKEND=numba")
 _FIX_NO_DEVICE = ("run on a machine with an NVIDIA GPU (check nvidia-smi and CUDA_VISIBLE_DEVICES) "
-                  "after pip install 'fastbp[cuda12]', or use a CPU backend: FASTBP_BACKEND=numba")
+                  "after pip install 'cupy-cuda12x[ctk]', or use a CPU backend: FASTBP_BACKEND=numba")
 _FIX_NOT_READY = ("the GPUs are there but not ready: on NVSwitch systems (HGX/DGX H100, H200, B200) "
                   "start the fabric manager (systemctl start nvidia-fabricmanager, its version equal to "
                   "the driver's) and check nvidia-smi -q for the fabric state; or use a CPU backend: "
                   "FASTBP_BACKEND=numba")
 _FIX_ARCH = ("the installed CuPy has no kernels for this GPU's architecture: install the cupy wheel "
-             "for the driver's CUDA major version (pip install 'fastbp[cuda12]' or 'fastbp[cuda13]'; "
+             "for the driver's CUDA major version (pip install 'cupy-cuda12x[ctk]' or 'cupy-cuda13x[ctk]'; "
              "a new GPU may need the newer one), or a CuPy built for this GPU; nvidia-smi "
              "--query-gpu=compute_cap --format=csv shows it")
 _FIX_LIBS = ("pip install 'cupy-cuda12x[ctk]' (or 'cupy-cuda13x[ctk]' for a CUDA 13 driver) to get "
-             "cuBLAS and NVRTC as wheels, or install the CUDA Toolkit; then pip install 'fastbp[cuda12]'")
+             "cuBLAS and NVRTC as wheels, or install the CUDA Toolkit")
 
 
 # ---------------------------------------------------------------- selection
+
+
+def _gpu_visibility() -> str:
+    """Whether this machine shows an NVIDIA GPU at all, without importing CuPy: the driver's
+    device nodes and nvidia-smi say so, so the error tells "install cupy" from "no GPU here"."""
+    import glob
+    import shutil
+
+    devices = glob.glob("/dev/nvidia[0-9]*")
+    if devices:
+        return f"an NVIDIA GPU is visible: {len(devices)} device(s) under /dev"
+    if shutil.which("nvidia-smi"):
+        return "nvidia-smi is installed but no /dev/nvidia* device is visible"
+    return "and no NVIDIA GPU is visible here: no /dev/nvidia* device, no nvidia-smi"
 
 
 def create() -> "CupyBackend":
@@ -161,7 +176,7 @@ def create() -> "CupyBackend":
     except ModuleNotFoundError as exc:
         if exc.name != "cupy":
             raise _import_error(exc) from exc
-        raise BackendUnavailableError("cupy", "cupy is not installed", _FIX_INSTALL) from None
+        raise BackendUnavailableError("cupy", f"cupy is not installed ({_gpu_visibility()})", _FIX_INSTALL) from None
     except Exception as exc:  # a broken wheel, or one for another CUDA major version
         raise _import_error(exc) from exc
 

@@ -32,7 +32,8 @@ TINY = ["bench", "--quick", "--backends", "numpy", "--sizes", "8,4,2", "--batch-
 
 
 def fastbp(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in (os.environ if env is None else env).items() if k != "FASTBP_BACKEND"}
+    # the caller's FASTBP_BACKEND never leaks in; a test that passes env= sets it on purpose
+    env = {k: v for k, v in os.environ.items() if k != "FASTBP_BACKEND"} if env is None else env
     return subprocess.run([sys.executable, "-m", "fastbp", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -208,7 +209,7 @@ def test_missing_peers_never_fail_the_run(tmp_path):
     blocked.mkdir()
     for name in ("torch", "jax"):
         (blocked / f"{name}.py").write_text(f"raise ImportError('{name} blocked for this test')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(blocked), os.environ.get("PYTHONPATH")])))
+    env = dict({k: v for k, v in os.environ.items() if k != "FASTBP_BACKEND"}, PYTHONPATH=os.pathsep.join(filter(None, [str(blocked), os.environ.get("PYTHONPATH")])))
     record = run_json(tmp_path, *TINY, "--batch-sizes", "8", "--peers", "torch,jax,sklearn", env=env)
     got = record["peers"]
     assert set(got) == {"torch", "jax", "sklearn"}
@@ -465,3 +466,13 @@ def test_every_timed_region_is_synchronised():
     peak = bench.measure_matmul_peak("float32", 8, backend=dev, repeat=2)
     assert dev.events == ["sync", "gemm", "sync"] * 3  # warm-up + 2 timed, the device's own GEMM
     assert peak["how"].startswith("fake-gpu backend matmul") and len(peak["gflops"]) == 2
+
+
+def test_bench_follows_fastbp_backend_and_refuses_an_unusable_one(tmp_path):
+    env = dict(os.environ, FASTBP_BACKEND="numpy")
+    no_backends = [a for i, a in enumerate(TINY) if "--backends" not in TINY[max(i - 1, 0):i + 1]]
+    record = run_json(tmp_path, *no_backends, env=env)
+    assert [n for n, r in record["backends"].items() if r["status"] == "ok"] == ["numpy"]  # numba not run
+    if "cupy" not in fb.available_backends():
+        proc = fastbp("bench", "--quick", env=dict(os.environ, FASTBP_BACKEND="cupy"))
+        assert proc.returncode == 2 and "FASTBP_BACKEND=cupy: backend 'cupy' is unavailable" in proc.stderr
