@@ -14,50 +14,63 @@ What runs where
   reference machine (each pool's idle workers spin while the other pool computes).
 * Elementwise work is compiled and fused: ``hidden_delta`` is the GEMM then one pass
   applying phi'; ``output_delta`` is loss, ``dc/da`` and phi' in one pass per row; bias
-  reduction and the SGD update over the flat parameter buffer are one pass each. Inside
-  compiled epochs the bias and hidden activation follow each forward GEMM in one pass,
+  reduction and the update rule over the flat parameter buffer are one vectorized pass each.
+  Inside compiled epochs the bias and hidden activation follow each forward GEMM in one pass,
   and the output layer's activation, cost and delta share their exps. tanh's forward is
   the one exception: NumPy's SIMD ``np.tanh`` is ~70x faster than the scalar libm call a
   Numba loop makes (no SVML here), so the batch kernel uses it.
 * ``loop_gradients`` (``has_compiled_loop``): the textbook per-example loop, one call.
 * ``train_epoch`` (``has_compiled_epoch``): a whole epoch in one call, for batch size 1
-  (always; the gradient is applied where it is formed), the "loop" strategy (always) and
-  mini-batches whose ``batch_size * n_params`` is at most ``EPOCH_MAX_WORK``. Above that the
-  model's per-batch path runs: its BLAS GEMMs take milliseconds and the Python between them
-  is noise. Inside compiled code, products below ``FORWARD_BLAS_MIN`` / ``BACKWARD_BLAS_MIN``
-  multiply-adds are hand loops (a BLAS call costs more than the arithmetic there); larger
-  ones call BLAS.
+  (always; the update is applied where each gradient is formed, and a network with one hidden
+  layer runs ``shallow_epoch``, the whole example in one loop: 2-8-1 at ~150 ns an example
+  against ~420 ns layer by layer), the "loop" strategy (always) and mini-batches whose
+  ``batch_size * n_params`` is at most ``EPOCH_MAX_WORK``. Above that the model's per-batch
+  path runs: its BLAS GEMMs take milliseconds and the Python between them is noise. Inside
+  compiled code, products below ``FORWARD_BLAS_MIN`` / ``BACKWARD_BLAS_MIN`` multiply-adds
+  are hand loops (a BLAS call costs more than the arithmetic there); larger ones call BLAS.
+  Plain SGD is fused into the weight-gradient GEMM (``W += -lr D^T A``, BLAS beta = 1,
+  through ``numba_kernels.gemm``): no gradient buffer written, no update pass after it.
 
 Threads
 -------
-The cores belong to BLAS, and no Numba kernel is ``parallel=True``, so the two pools can never
-oversubscribe the machine: GEMMs use BLAS's default thread count (all cores; limit it with
-threadpoolctl as usual), and every compiled kernel runs on the calling thread, so Numba's
-thread pool is never started. Measured on the 2-core reference machine, 1024-2048-2048-10,
-batch 512: elementwise passes made ``parallel=True`` between the GEMMs slowed a step from
-74 ms to 117 ms with Numba's default (OpenMP) threading layer -- libgomp's and OpenBLAS's idle
-workers spin, each pool stealing the cores the other is computing on -- and gained nothing
-with the workqueue layer (74 ms); the per-example loop and the small-network epochs are far
-too fine-grained for a parallel region (~2-3 us to start one). One exception the other way:
-a compiled mini-batch epoch whose largest GEMM is below ``SMALL_GEMM_MAX`` multiply-adds runs
-BLAS on one thread for its duration (restored after), since handing each short GEMM to the
-second thread measured slower than doing it alone. ``info()`` reports both pools.
+No Numba kernel is ``parallel=True``: the cores belong to BLAS, and every compiled kernel runs
+on the calling thread, so Numba's thread pool never starts. Measured on the 2-core reference
+machine, 1024-2048-2048-10, batch 512: elementwise passes made ``parallel=True`` between the
+GEMMs slowed a step from 74 ms to 117 ms with Numba's default (OpenMP) threading layer --
+libgomp's and OpenBLAS's idle workers spin, each pool stealing the cores the other is
+computing on -- and gained nothing with the workqueue layer (74 ms); the per-example loop and
+the small-network epochs are far too fine-grained for a parallel region (~2-3 us to start one).
+
+How many BLAS threads is decided per call (``_ThreadPolicy``): as many as the cores that
+other processes leave free, measured from ``/proc/stat``, because an OpenBLAS worker waiting
+for a core another process holds stalls every GEMM (784-256-10 at batch 64 fell from ~140k to
+3-10k samples/s on two threads beside other busy processes; one thread kept ~95k). The
+choice stays under any limit set from outside (threadpoolctl, ``OPENBLAS_NUM_THREADS``),
+``set_threads(n)`` fixes it, and a compiled mini-batch epoch whose largest GEMM is below
+``SMALL_GEMM_MAX`` multiply-adds runs one thread (handing short GEMMs to a second thread
+measured slower than doing them alone). The count is set for each call and restored after.
+``info()["blas_threads_policy"]`` says what was chosen and why.
 
 JIT cost
 --------
 Every kernel is compiled on first use per dtype and cached on disk (``cache=True``, in
 ``kernels/__pycache__`` or Numba's user cache dir when that is read-only), so a second
-process loads machine code instead of compiling. ``warmup(dtype)`` compiles (or loads)
-everything up front and returns the seconds it took, so benchmarks report JIT time
-separately from steady-state speed. Measured (2-core reference machine): ~10 s to compile
-everything for one dtype with an empty cache; with the cache, a new process goes from
-start to its first fit in ~0.3-0.6 s (import 0.1 s, backend 0.2-0.3 s, cache load 0.1-0.2 s).
-Editing ``numba_kernels.py`` invalidates its cache.
+process loads machine code instead of compiling; a fit compiles only the entry point its
+path runs (plus the shuffle and check kernels). When the disk cache does not hold an entry
+point, its first call prints one line to stderr saying what is compiling and about how long
+(``_compiling``). ``warmup(dtype)`` compiles (or loads) everything up front and returns the
+seconds it took, so benchmarks report JIT time separately from steady-state speed. Measured
+cold on the 2-core reference machine (quiet): per-example training with one hidden layer
+~6-8 s, a mini-batch fit ~10 s, everything for one dtype ~26 s; with the cache, a new
+process goes from start to its first fit in ~0.6 s. Editing ``numba_kernels.py`` invalidates
+its cache.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import time
 from collections import OrderedDict
 
@@ -93,6 +106,117 @@ def _fortran_operand(m: np.ndarray, transposed: bool):
     if v.flags.c_contiguous:
         return v.T, 1
     return np.asfortranarray(v), 0
+
+
+class _ThreadPolicy:
+    """How many threads SciPy's OpenBLAS (every GEMM of this backend) runs, decided per call.
+
+    ``fixed`` (``set_threads(n)``) or automatic: as many threads as there are cores the other
+    processes leave free, measured from ``/proc/stat`` over the time since the last decision
+    (at least ``WINDOW_S``; the first decision reads the instantaneous run queue of
+    ``/proc/loadavg``), so an OpenBLAS worker never spins waiting for a core another process
+    holds. Measured on the 2-core reference machine with one other CPU-bound process:
+    784-256-10 at batch 64 ran 3-10k samples/s on two BLAS threads against ~95k on one (and
+    141k on two when the machine was quiet). A thread count set from outside -- threadpoolctl's
+    ``threadpool_limits`` around a fit, or ``OPENBLAS_NUM_THREADS`` -- is a ceiling the
+    automatic choice stays under.
+    """
+
+    WINDOW_S = 0.2
+    FREE_SLACK = 0.3  # a core counts as free when other processes use less than 0.7 of it
+
+    def __init__(self, blas, cores: int) -> None:
+        self.blas = blas
+        self.cores = cores
+        self.fixed: int | None = None
+        self.ceiling = blas.get_num_threads() if blas is not None else 1  # OPENBLAS_NUM_THREADS or all cores
+        self.chosen: int | None = None
+        self.others: float | None = None
+        self.reason = "no GEMM has run yet"
+        self._sample = None  # (wall, busy seconds of all CPUs, this process's CPU seconds)
+        self._decided_at = -1.0
+
+    def decide(self, now: float | None = None) -> int:
+        """Threads for the GEMMs about to run (re-decided at most every ``WINDOW_S``)."""
+        if self.blas is None:
+            return 1
+        # Between our calls the BLAS holds what its owner set (we restore after each call):
+        # OpenBLAS's default (all cores), OPENBLAS_NUM_THREADS, or a threadpool_limits around us.
+        self.ceiling = self.blas.get_num_threads()
+        if self.fixed is not None:
+            self.chosen, self.reason = self.fixed, f"fixed by set_threads({self.fixed})"
+            return self.fixed
+        now = time.perf_counter() if now is None else now
+        if self.chosen is not None and now - self._decided_at < self.WINDOW_S:
+            return min(self.chosen, self.ceiling)
+        others, how = self._others_busy(now)
+        self._decided_at = now
+        self.others = others
+        free = self.cores - others if others is not None else self.cores
+        threads = max(1, min(self.ceiling, int(free + self.FREE_SLACK)))
+        if others is None:
+            self.reason = f"auto: CPU use unreadable here ({how}); all {threads} allowed threads"
+        else:
+            self.reason = (f"auto: other processes kept {others:.2f} of {self.cores} cores busy ({how}), "
+                           f"so {threads} BLAS thread{'s' if threads > 1 else ''}"
+                           + (f" (limit {self.ceiling} set outside fastbp)" if self.ceiling < self.cores else "")
+                           + ("; more would wait for a taken core" if threads < min(self.cores, self.ceiling) else ""))
+        self.chosen = threads
+        return threads
+
+    def run_with(self, threads: int):
+        """Set ``threads`` on the BLAS; returns what to restore afterwards (None: nothing changed)."""
+        if self.blas is None:
+            return None
+        current = self.blas.get_num_threads()
+        if current == threads:
+            return None
+        self.blas.set_num_threads(threads)
+        return current
+
+    def restore(self, previous) -> None:
+        if previous is not None:
+            self.blas.set_num_threads(previous)
+
+    def _others_busy(self, now: float):
+        """CPU cores' worth of work by other processes since the last sample, and how it was read."""
+        sample = _cpu_sample(now)
+        last, self._sample = self._sample, sample
+        if sample is None:
+            return None, "no /proc/stat"
+        if last is not None and now - last[0] >= self.WINDOW_S:
+            wall = now - last[0]
+            other = (sample[1] - last[1]) - (sample[2] - last[2])
+            return max(0.0, other / wall), f"/proc/stat over the last {wall:.2f} s"
+        try:  # no window yet: the run queue now, less this thread
+            with open("/proc/loadavg") as f:
+                running = int(f.read().split()[3].split("/")[0])
+            return float(min(self.cores, max(0, running - 1))), "/proc/loadavg run queue"
+        except (OSError, ValueError, IndexError):
+            return None, "no /proc/loadavg"
+
+    def describe(self) -> dict:
+        return {"mode": "fixed" if self.fixed is not None else "auto", "threads": self.chosen,
+                "reason": self.reason, "other_processes_cores": self.others, "cores": self.cores,
+                "ceiling": self.ceiling}
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_sample(now: float):
+    """(wall, seconds all CPUs spent busy, seconds this process used) or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / _CLK_TCK
+    t = os.times()
+    return now, busy, t.user + t.system
 
 
 class NumbaBackend(Backend):
@@ -137,6 +261,52 @@ class NumbaBackend(Backend):
         self._specs: dict = {}  # NetSpec -> (sizes array, hidden code, output code, loss code)
         self._work: OrderedDict = OrderedDict()  # (NetSpec, rows, dtype) -> flat workspace, LRU
         self._blas = _blas_controller()  # threadpoolctl's handle on the OpenBLAS our GEMMs use
+        self._threads = _ThreadPolicy(self._blas, _usable_cores())
+        self._seen: set = set()  # (entry, dtype) this process has already called
+        self._quiet = False  # warmup announces itself once instead of entry by entry
+
+    def _compiling(self, name: str, args, dtype):
+        """Before a compiled entry's first call in this process: when the disk cache does not
+        hold it (Numba will compile it now), one line to stderr saying what and roughly how
+        long. Returns a timer to cancel after the call where the cache could not be read."""
+        self._seen.add((name, dtype.char))
+        what, seconds = _ENTRY.get(name, _BASIC)
+        disp = getattr(_K, name, None)
+        if self._quiet or ("basic", dtype.char) in self._seen and name not in _ENTRY:
+            return None  # warmup says it once; the small kernels get one line per dtype
+        cached = _cached_on_disk(disp, args) if disp is not None else True
+        if cached:
+            return None
+        if name not in _ENTRY:
+            self._seen.add(("basic", dtype.char))
+        line = (f"fastbp: compiling Numba code for {what} ({dtype.name}) on first use: about {seconds} s, once; "
+                f"later runs load it from the disk cache in {_cache_dir(disp)}")
+        if cached is False:
+            _say(line)
+            return None
+        timer = threading.Timer(ANNOUNCE_AFTER_S, _say, (line.replace("compiling", "probably compiling", 1),))
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def _run(self, name: str, dtype, *args):
+        """``self._k.<name>(*args)``, announcing a cold compile on its first call (``_compiling``)."""
+        timer = self._compiling(name, args, dtype) if (name, dtype.char) not in self._seen else None
+        try:
+            return getattr(self._k, name)(*args)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def set_threads(self, n: int | None):
+        """BLAS threads for this backend's GEMMs: ``n`` >= 1 fixed, or None for the automatic
+        choice (as many as the cores other processes leave free, re-decided per call; see
+        ``_ThreadPolicy``). Returns the previous setting, so a caller can restore it.
+        """
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
+            raise ValueError(f"set_threads takes an int >= 1 or None. Received: n={n!r}")
+        previous, self._threads.fixed = self._threads.fixed, None if n is None else int(n)
+        return previous
 
     # ------------------------------------------------------------ arrays
     def asarray(self, x, dtype=None):
@@ -146,13 +316,13 @@ class NumbaBackend(Backend):
 
     def all_finite(self, a) -> bool:
         if isinstance(a, np.ndarray) and a.flags.c_contiguous and a.dtype.kind == "f":
-            return bool(self._k.all_finite(a))
+            return bool(self._run("all_finite", a.dtype, a))
         return bool(np.isfinite(a).all())
 
     def take_rows(self, src, index, out):
         if (_c(src, out, index) and src.ndim == 2 and index.ndim == 1 and index.dtype.kind == "i"
                 and out.shape == (index.size, src.shape[1]) and src.dtype == out.dtype and src.shape[0] > 0):
-            self._k.take_rows(src, index, out)
+            self._run("take_rows", out.dtype, src, index, out)
         else:
             self._ref.take_rows(src, index, out)
 
@@ -175,12 +345,13 @@ class NumbaBackend(Backend):
             "numba_threads": 1,  # every compiled kernel runs on the calling thread
             "numba_threading_layer": "unused (no parallel kernels)",
             "blas_threads": _blas_threads(blas),
+            "blas_threads_policy": self._threads.describe(),
             "blas": blas,
             "blas_used": "SciPy's OpenBLAS (scipy.linalg.blas and Numba's np.dot) for every GEMM",
-            "thread_policy": ("cores belong to BLAS (its default: all of them); compiled kernels are "
-                              "single-threaded, so Numba's pool never starts and cannot oversubscribe; "
-                              f"compiled mini-batch epochs whose largest GEMM is < {self.SMALL_GEMM_MAX} "
-                              "multiply-adds run BLAS on one thread"),
+            "thread_policy": ("BLAS threads chosen per call: as many as the cores other processes leave free "
+                              "(set_threads(n) fixes them; a threadpoolctl limit is a ceiling); compiled mini-batch "
+                              f"epochs whose largest GEMM is < {self.SMALL_GEMM_MAX} multiply-adds run BLAS on one "
+                              "thread; compiled kernels are single-threaded, so Numba's pool never starts"),
             "cores": _usable_cores(),
             "cpu_name": _host_cpu_name(),
             "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
@@ -200,31 +371,35 @@ class NumbaBackend(Backend):
         # out (m, n) in C order is out.T (n, m) in Fortran order: out.T = op(b)^T op(a)^T.
         x, tx = _fortran_operand(b, not trans_b)
         y, ty = _fortran_operand(a, not trans_a)
-        gemm(alpha, x, y, beta, out.T, tx, ty, 1)
+        previous = self._threads.run_with(self._threads.decide())
+        try:
+            gemm(alpha, x, y, beta, out.T, tx, ty, 1)
+        finally:
+            self._threads.restore(previous)
 
     def hadamard(self, a, b, out):
         if _c(a, b, out) and a.shape == b.shape == out.shape and _same_dtype(a, b, out):
-            self._k.hadamard(a, b, out)
+            self._run("hadamard", out.dtype, a, b, out)
         else:
             self._ref.hadamard(a, b, out)
 
     def outer(self, x, y, out, *, alpha=1.0, accumulate=True):
         if _c(x, y, out) and x.ndim == 1 and y.ndim == 1 and out.shape == (x.size, y.size) \
                 and _same_dtype(x, y, out):
-            self._k.outer(x, y, out, out.dtype.type(alpha), bool(accumulate))
+            self._run("outer", out.dtype, x, y, out, out.dtype.type(alpha), bool(accumulate))
         else:
             self._ref.outer(x, y, out, alpha=alpha, accumulate=accumulate)
 
     def add_bias(self, z, b):
         if _c(z, b) and z.ndim in (1, 2) and b.ndim == 1 and z.shape[-1] == b.size and _same_dtype(z, b):
-            self._k.add_bias(_rows(z), b)
+            self._run("add_bias", z.dtype, _rows(z), b)
         else:
             self._ref.add_bias(z, b)
 
     def bias_grad(self, delta, out, *, alpha=1.0, accumulate=False):
         if _c(delta, out) and delta.ndim == 2 and out.ndim == 1 and delta.shape[1] == out.size \
                 and _same_dtype(delta, out):
-            self._k.bias_grad(delta, out, out.dtype.type(alpha), bool(accumulate))
+            self._run("bias_grad", out.dtype, delta, out, out.dtype.type(alpha), bool(accumulate))
         else:
             self._ref.bias_grad(delta, out, alpha=alpha, accumulate=accumulate)
 
@@ -237,7 +412,7 @@ class NumbaBackend(Backend):
         if not (_c(z, out) and z.shape == out.shape and _same_dtype(z, out) and z.ndim in (1, 2)):
             self._ref.activation(name, z, out)
             return
-        self._k.activation(code, _rows(z), _rows(out))
+        self._run("activation", z.dtype, code, _rows(z), _rows(out))
 
     def activation_backward(self, name, z, a, delta):
         code = _act_code(name)
@@ -245,7 +420,7 @@ class NumbaBackend(Backend):
                 and z.ndim in (1, 2)):
             self._ref.activation_backward(name, z, a, delta)
             return
-        self._k.activation_backward(code, _rows(z), _rows(a), _rows(delta))
+        self._run("activation_backward", z.dtype, code, _rows(z), _rows(a), _rows(delta))
 
     def hidden_delta(self, name, delta_next, w_next, z, a, out):
         """``out = phi'(z) (.) (delta_next @ w_next)``: one BLAS GEMM and one fused pass, one call."""
@@ -255,7 +430,7 @@ class NumbaBackend(Backend):
                 and out.dtype in self._gemm and delta_next.shape[1] > 0):
             super().hidden_delta(name, delta_next, w_next, z, a, out)
             return
-        self._k.hidden_delta(code, delta_next, w_next, z, a, out)
+        self._run("hidden_delta", out.dtype, code, delta_next, w_next, z, a, out)
 
     # ---- losses: value beside fused output delta
     def output_delta(self, loss, output, z, a, y, delta):
@@ -263,18 +438,19 @@ class NumbaBackend(Backend):
         if not (_c(z, a, y, delta) and z.shape == a.shape == y.shape == delta.shape
                 and _same_dtype(z, a, y, delta) and z.ndim in (1, 2)):
             return self._ref.output_delta(loss, output, z, a, y, delta)
-        return float(self._k.output_delta(*codes, _rows(z), _rows(a), _rows(y), _rows(delta)))
+        return float(self._run("output_delta", z.dtype, *codes, _rows(z), _rows(a), _rows(y), _rows(delta)))
 
     def loss_sum(self, loss, output, z, a, y):
         codes = _loss_code(loss), _act_code(output)
         if not (_c(z, a, y) and z.shape == a.shape == y.shape and _same_dtype(z, a, y) and z.ndim in (1, 2)):
             return self._ref.loss_sum(loss, output, z, a, y)
-        return float(self._k.loss_sum(*codes, _rows(z), _rows(a), _rows(y)))
+        return float(self._run("loss_sum", z.dtype, *codes, _rows(z), _rows(a), _rows(y)))
 
     def update(self, spec, rule, params, grads, state, rows):
         """The rule's step over the flat buffers in one compiled pass (``apply_update``)."""
         self._check_update(spec, rule, params, grads, state)
-        self._k.apply_update(rule.hyper(), state.step, self._spec(spec)[0], params, grads, state.buffers, rows)
+        self._run("apply_update", params.dtype, rule.hyper(), state.step, self._spec(spec)[0], params, grads,
+                  state.buffers, rows)
 
     def _check_update(self, spec, rule, params, grads, state) -> None:
         """Compiled updates index raw memory: mismatched buffers are refused, never written past."""
@@ -338,7 +514,8 @@ class NumbaBackend(Backend):
         self._check_fast_path(spec, params, grads, X, Y)
         sizes, hidden, output, loss = self._spec(spec)
         work = self._workspace(spec, 0, params.dtype)
-        total, _ = self._k.loop_batch(sizes, hidden, output, loss, params, X, Y, grads, work, 0, X.shape[0])
+        total, _ = self._run("loop_batch", params.dtype, sizes, hidden, output, loss, params, X, Y, grads, work, 0,
+                             X.shape[0])
         return float(total)
 
     def supports_epoch(self, spec: NetSpec, batch_size: int, strategy: str, rule=None) -> bool:
@@ -361,45 +538,63 @@ class NumbaBackend(Backend):
         sizes, hidden, output, loss = self._spec(spec)
         n = X.shape[0]
         batch_size = max(1, min(int(batch_size), n))
-        hp, step, buffers = rule.hyper(), state.step, state.buffers
-        K = self._k
+        hp, step, buffers, dt = rule.hyper(), state.step, state.buffers, params.dtype
         if batch_size == 1:
-            work = self._workspace(spec, 0, params.dtype)
-            total, done, correct = K.examples_epoch(sizes, hidden, output, loss, params, X, Y, hp, step, buffers, work)
+            work = self._workspace(spec, 0, dt)
+            name = "shallow_epoch" if spec.n_layers == 2 else "examples_epoch"  # one hidden layer: one fused loop
+            total, done, correct = self._run(name, dt, sizes, hidden, output, loss, params, X, Y, hp, step, buffers,
+                                             work)
         elif strategy == "loop":
-            work = self._workspace(spec, 0, params.dtype)
-            total, done, correct = K.loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size,
-                                                hp, step, buffers, work)
+            work = self._workspace(spec, 0, dt)
+            total, done, correct = self._run("loop_epoch", dt, sizes, hidden, output, loss, params, grads, X, Y,
+                                             batch_size, hp, step, buffers, work)
         else:
-            work = self._workspace(spec, batch_size, params.dtype)
+            work = self._workspace(spec, batch_size, dt)
             if batch_size <= self.HAND_MAX_ROWS:  # a few rows: every product a hand loop
                 plan = np.full(2, np.iinfo(np.int64).max, np.int64)
             else:
                 plan = np.array([self.FORWARD_BLAS_MIN, self.BACKWARD_BLAS_MIN], np.int64)
             largest = batch_size * max(i * o for i, o in zip(spec.sizes[:-1], spec.sizes[1:]))
-            threads = self._blas.get_num_threads() if self._blas is not None else 1
-            single = threads > 1 and largest < self.SMALL_GEMM_MAX
-            if single:
-                self._blas.set_num_threads(1)
+            threads = self._threads.decide()
+            if largest < self.SMALL_GEMM_MAX and self._threads.fixed is None:
+                threads = 1  # short GEMMs: a second thread costs more than it saves
+            previous = self._threads.run_with(threads)
             try:
-                total, done, correct = K.batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size,
-                                                     hp, step, buffers, work, plan)
+                total, done, correct = self._run("batch_epoch", dt, sizes, hidden, output, loss, params, grads, X,
+                                                 Y, batch_size, hp, step, buffers, work, plan)
             finally:
-                if single:
-                    self._blas.set_num_threads(threads)
+                self._threads.restore(previous)
         return float(total), int(done), int(correct)
 
     # ------------------------------------------------------------ JIT
     def warmup(self, dtype="float32") -> float:
-        """Compile (or load from the disk cache) every kernel for ``dtype``; returns the seconds spent."""
+        """Compile (or load from the disk cache) every kernel for ``dtype``; returns the seconds spent.
+
+        Says so in one line on stderr when it is compiling (still running after
+        ``ANNOUNCE_AFTER_S``; loading from the cache takes well under that)."""
         dt = np.dtype(dtype)
         t0 = time.perf_counter()
+        timer = threading.Timer(ANNOUNCE_AFTER_S, _say, (
+            f"fastbp: compiling every Numba kernel for {dt.name} (warmup): about "
+            f"{sum(s for _, s in _ENTRY.values()) + 10} s, once; later runs load them from the disk cache",))
+        timer.daemon = True
+        timer.start()
+        self._quiet = True
+        try:
+            self._warm(dt)
+        finally:
+            self._quiet = False
+            timer.cancel()
+        return time.perf_counter() - t0
+
+    def _warm(self, dt) -> None:
         rng = np.random.default_rng(0)
-        n, sizes = 4, (3, 5, 2)
-        X = rng.standard_normal((n, sizes[0])).astype(dt)
-        Y = np.zeros((n, sizes[-1]), dt)
+        n = 4
+        X = rng.standard_normal((n, 3)).astype(dt)
+        Y = np.zeros((n, 2), dt)
         Y[:, 0] = 1
-        for loss, output in (("cross_entropy", "softmax"), ("mse", "identity")):
+        # one hidden layer (shallow_epoch per example) and two (examples_epoch)
+        for sizes, loss, output in (((3, 5, 2), "cross_entropy", "softmax"), ((3, 4, 5, 2), "mse", "identity")):
             spec = NetSpec(sizes, "relu", output, loss, dt)
             params = (rng.standard_normal(spec.n_params) * 0.1).astype(dt)
             grads = np.empty_like(params)
@@ -424,7 +619,6 @@ class NumbaBackend(Backend):
         self.matmul(small, W, np.empty_like(small))
         self.all_finite(small)
         self.take_rows(small, np.array([1, 0]), np.empty_like(small))
-        return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------- helpers
@@ -486,6 +680,46 @@ def _host_cpu_name() -> str:
         return llvm.get_host_cpu_name()
     except Exception:  # pragma: no cover
         return "unknown"
+
+
+# What each compiled entry point is, and roughly how long its cold compile takes per dtype
+# (measured on the 2-core reference machine with an empty cache; the first one also compiles
+# the helpers later ones share, so a fit's first compile is the larger figure).
+_ENTRY = {
+    "shallow_epoch": ("per-example training", 6),
+    "examples_epoch": ("per-example training (several hidden layers)", 8),
+    "batch_epoch": ("mini-batch training", 10),
+    "loop_epoch": ("mini-batch training with the per-example loop", 4),
+    "loop_batch": ("per-example gradients", 4),
+    "apply_update": ("the optimizer update", 2),
+}
+_BASIC = ("the small kernels (shuffle, checks, forward and loss pieces)", 1)  # each, on its first use
+ANNOUNCE_AFTER_S = 1.0  # where the cache cannot be read: say it once a call has taken this long
+
+
+def _cached_on_disk(disp, args):
+    """Whether Numba's disk cache holds ``disp`` compiled for these arguments: True/False, or
+    None where this Numba's cache internals are not the ones read here."""
+    try:
+        sig = tuple(disp.typeof_pyval(a) for a in args)
+        if sig in disp.overloads:
+            return True
+        cache = disp._cache
+        return cache._index_key(sig, disp.targetctx.codegen()) in cache._cache_file._load_index()
+    except Exception:  # pragma: no cover - another Numba's layout
+        return None
+
+
+def _cache_dir(disp) -> str:
+    try:
+        return disp._cache._cache_path
+    except Exception:  # pragma: no cover
+        return "Numba's cache directory"
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
 
 
 def create() -> NumbaBackend:

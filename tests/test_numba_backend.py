@@ -384,7 +384,9 @@ def _entry_kernels():
 
     import fastbp.kernels.numba as module
 
-    names = set(re.findall(r"\b(?:self\._k|K)\.([a-z_]\w*)", inspect.getsource(module)))
+    source = inspect.getsource(module)
+    names = set(re.findall(r"\b(?:self\._k|K)\.([a-z_]\w*)", source)) | set(re.findall(r'self\._run\("(\w+)"', source))
+    names |= {"shallow_epoch", "examples_epoch"}  # chosen by name in train_epoch
     return {name for name in names if hasattr(getattr(NB._k, name, None), "signatures")}
 
 
@@ -433,3 +435,225 @@ def test_warmup_info_and_unavailable(monkeypatch):
     with pytest.raises(BackendUnavailableError) as err:
         module.create()
     assert err.value.reason == "numba is not installed" and err.value.fix == "pip install numba"
+
+
+# ---------------------------------------------------------------- fused per-example, fused GEMM update
+
+RULE_CASES = [UpdateRule("sgd", lr=0.1), UpdateRule("sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+              UpdateRule("sgd", lr=0.05, momentum=0.8, l2=0.01), UpdateRule("adam", lr=0.01, weight_decay=1e-3),
+              UpdateRule("adamw", lr=0.01, beta1=0.8, beta2=0.99, weight_decay=0.05)]
+
+
+def _state(rule, spec):
+    return OptimizerState(np.zeros((rule.n_buffers, spec.n_params), spec.dtype))
+
+
+@pytest.mark.parametrize("rule", RULE_CASES, ids=lambda r: f"{r.kind}-{r.momentum}-{r.l2}")
+@pytest.mark.parametrize("hidden,loss,output", COMBOS)
+def test_shallow_epoch_equals_the_layer_by_layer_epoch(hidden, loss, output, rule):
+    """The one-hidden-layer fused loop against examples_epoch on the same net, float64."""
+    from fastbp.kernels import numba_kernels as K
+
+    net = _net("numba", [5, 9, 3], hidden, loss, output, "float64", seed=4)
+    X, Y = _data(17, [5, 9, 3], loss, seed=5)
+    sizes, h, o, lc = NB._spec(net.spec)
+    results = []
+    for run in (K.shallow_epoch, K.examples_epoch):
+        params, state = net._params.copy(), _state(rule, net.spec)
+        state.step[0] = 3  # mid-trajectory: the bias corrections start from step 3
+        work = np.empty(3 * sum(net.spec.sizes))
+        total, done, correct = run(sizes, h, o, lc, params, X, Y, rule.hyper(), state.step, state.buffers, work)
+        results.append((params, state.buffers, total, done, correct, state.steps))
+    (p1, s1, t1, d1, c1, n1), (p2, s2, t2, d2, c2, n2) = results
+    np.testing.assert_allclose(p1, p2, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(s1, s2, rtol=1e-12, atol=1e-14)
+    assert (d1, c1, n1) == (d2, c2, n2) == (17, c2, 20) and t1 == pytest.approx(t2, rel=1e-12)
+
+
+@pytest.mark.parametrize("rule", RULE_CASES[1:4], ids=lambda r: r.kind)
+def test_per_example_rules_on_a_deeper_net_match_numpy(rule):
+    from fastbp import optim
+
+    kind = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}[rule.kind]
+    kwargs = {"lr": rule.lr, "weight_decay": rule.weight_decay}
+    if rule.kind == "sgd":
+        kwargs.update(momentum=rule.momentum, nesterov=rule.nesterov)
+    sizes = [4, 6, 5, 3]
+    X, Y = _data(15, sizes, "cross_entropy", seed=6)
+    nets = [_net(b, sizes, "tanh", "cross_entropy", None, "float64", seed=7) for b in ("numpy", "numba")]
+    for net in nets:
+        net.fit(X, Y, epochs=2, batch_size=1, optimizer=kind(**kwargs), seed=8, progress=False)
+    np.testing.assert_allclose(_params(nets[1]), _params(nets[0]), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
+def test_gemm_with_alpha_and_beta(trans_a, trans_b, dtype):
+    from fastbp.kernels import numba_kernels as K
+
+    rng = np.random.default_rng(9)
+    m, n, k = 7, 5, 11
+    A = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
+    B = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+    C = rng.standard_normal((m, n)).astype(dtype)
+    expected = -0.25 * ((A.T if trans_a else A) @ (B.T if trans_b else B)) + 1.0 * C
+    T = np.dtype(dtype).type
+    K.gemm(trans_a, trans_b, T(-0.25), A, B, T(1.0), C)
+    np.testing.assert_allclose(C, expected, **GEMM[dtype])
+
+
+@pytest.mark.parametrize("plan", [(0, 0), (2**62, 2**62)], ids=["blas", "hand"])
+def test_plain_sgd_fused_into_the_weight_gradient_step(plan):
+    """batch_epoch's fused plain SGD (``W += -lr D^T A`` in the GEMM) against gradients then update."""
+    from fastbp.kernels import numba_kernels as K
+
+    spec = NetSpec((6, 8, 7, 3), "relu", "softmax", "cross_entropy", np.dtype("float64"))
+    rng = np.random.default_rng(10)
+    params0 = rng.standard_normal(spec.n_params) * 0.3
+    X, Y = rng.standard_normal((20, 6)), np.eye(3)[rng.integers(0, 3, 20)]
+    sizes, h, o, lc = NB._spec(spec)
+    plan = np.array(plan, np.int64)
+    rule = UpdateRule("sgd", lr=0.1)
+    work = np.empty(3 * 8 * sum(spec.sizes[1:]))
+    fused, grads, step = params0.copy(), np.empty(spec.n_params), np.zeros(1, np.int64)
+    total, done, _ = K.batch_epoch(sizes, h, o, lc, fused, grads, X, Y, 8, rule.hyper(), step,
+                                   np.zeros((0, spec.n_params)), work, plan)
+    expected, expected_total = params0.copy(), 0.0
+    w_off, b_off, u_off = K.layer_offsets(sizes)
+    bases = K._view_bases(work, sizes, u_off)
+    for start in range(0, 20, 8):
+        expected_total += K.batch_gradients(sizes, h, o, lc, expected, grads, X[start:start + 8], Y[start:start + 8],
+                                            work, plan, w_off, b_off, bases)
+        expected -= 0.1 * grads
+    np.testing.assert_allclose(fused, expected, rtol=1e-12, atol=1e-14)
+    assert done == 20 and step[0] == 3 and total == pytest.approx(expected_total, rel=1e-12)
+
+
+# ---------------------------------------------------------------- BLAS threads
+
+class _FakeBlas:
+    def __init__(self, threads=2):
+        self.threads, self.calls = threads, []
+
+    def get_num_threads(self):
+        return self.threads
+
+    def set_num_threads(self, n):
+        self.calls.append(n)
+        self.threads = n
+
+
+def _policy(monkeypatch, samples, threads=2):
+    """A thread policy on a fake BLAS, reading ``samples`` as successive /proc/stat readings."""
+    import fastbp.kernels.numba as module
+
+    readings = iter(samples)
+    monkeypatch.setattr(module, "_cpu_sample", lambda now: next(readings))
+    return module._ThreadPolicy(_FakeBlas(threads), cores=2)
+
+
+def test_threads_follow_the_cores_other_processes_leave(monkeypatch):
+    # /proc/stat readings (wall, busy seconds of all CPUs, own CPU seconds): over each second the
+    # other processes use 1 core, then none, then 0.6 of one
+    pol = _policy(monkeypatch, [(0.0, 0.0, 0.0), (1.0, 2.0, 1.0), (2.0, 3.0, 2.0), (3.0, 4.6, 3.0)])
+    pol._others_busy(0.0)  # the first reading: no window yet
+    assert pol.decide(1.0) == 1 and "1.00 of 2 cores" in pol.reason and "taken core" in pol.reason
+    assert pol.decide(1.1) == 1  # re-decided only after WINDOW_S, without reading /proc/stat
+    assert pol.decide(2.0) == 2 and "0.00 of 2" in pol.reason
+    assert pol.decide(3.0) == 1  # 0.6 of a core is taken: a second thread would wait for it
+    assert pol.describe()["other_processes_cores"] == pytest.approx(0.6)
+
+
+def test_a_limit_set_outside_is_a_ceiling_and_set_threads_fixes_it(monkeypatch):
+    pol = _policy(monkeypatch, [(0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (2.0, 2.0, 2.0)])  # nobody else busy
+    pol._others_busy(0.0)
+    pol.restore(pol.run_with(pol.decide(1.0)))
+    assert pol.chosen == 2 and pol.blas.threads == 2
+    pol.blas.threads = 1  # threadpool_limits(1) around a fit, from outside
+    assert pol.decide(1.1) == 1 and pol.ceiling == 1
+    pol.blas.threads = 2  # ... and its exit: the cores are the only limit again
+    assert pol.decide(2.0) == 2 and pol.ceiling == 2
+    pol.fixed = 1
+    assert pol.decide(2.1) == 1 and pol.reason == "fixed by set_threads(1)"
+
+
+def test_set_threads_checks_its_argument_and_runs_batch_epochs_on_it():
+    if NB._blas is None:
+        pytest.skip("threadpoolctl cannot see SciPy's OpenBLAS here")
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="set_threads takes an int >= 1 or None"):
+            NB.set_threads(bad)
+    seen = []
+    spec = NetSpec((4, 6, 3), "relu", "softmax", "cross_entropy", np.dtype("float64"))
+    rng = np.random.default_rng(8)
+    params, grads = rng.standard_normal(spec.n_params) * 0.1, np.empty(spec.n_params)
+    X, Y = rng.standard_normal((8, 4)), np.eye(3)[rng.integers(0, 3, 8)]
+    real = NB._k.batch_epoch
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(kernels, name)
+
+        def batch_epoch(self, *args):
+            seen.append(NB._blas.get_num_threads())
+            return real(*args)
+
+    before = NB._blas.get_num_threads()
+    kernels, NB._k = NB._k, Spy()
+    previous = NB.set_threads(2)
+    try:
+        NB.train_epoch(spec, params, grads, X, Y, 4, SGD01, _no_state(spec), "vectorized")
+        assert NB.info()["blas_threads_policy"]["mode"] == "fixed"
+    finally:
+        assert NB.set_threads(previous) == 2
+        NB._k = kernels
+    assert seen == [2] and NB._blas.get_num_threads() == before
+    assert NB.info()["blas_threads_policy"]["mode"] == "auto"
+
+
+# ---------------------------------------------------------------- JIT announcement
+
+def test_a_cold_compile_is_announced_once(monkeypatch, capsys):
+    import fastbp.kernels.numba as module
+
+    be = module.create()  # a fresh backend: nothing seen in this process yet
+    spec = NetSpec((3, 4, 2), "relu", "softmax", "cross_entropy", np.dtype("float64"))
+    rng = np.random.default_rng(11)
+    params, grads = rng.standard_normal(spec.n_params) * 0.1, np.empty(spec.n_params)
+    X, Y = rng.standard_normal((4, 3)), np.eye(2)[[0, 1, 0, 1]]
+    monkeypatch.setattr(module, "_cached_on_disk", lambda disp, args: False)
+    for _ in range(2):
+        be.train_epoch(spec, params, grads, X, Y, 1, SGD01, _no_state(spec), "vectorized")
+    err = capsys.readouterr().err
+    assert err.count("fastbp: compiling Numba code for per-example training (float64)") == 1
+    assert "about 6 s, once" in err and "disk cache" in err
+
+    be = module.create()
+    monkeypatch.setattr(module, "_cached_on_disk", lambda disp, args: True)
+    be.train_epoch(spec, params, grads, X, Y, 1, SGD01, _no_state(spec), "vectorized")
+    assert capsys.readouterr().err == ""
+
+
+def test_an_unreadable_cache_announces_a_slow_first_call(monkeypatch, capsys):
+    import time
+
+    import fastbp.kernels.numba as module
+
+    be = module.create()
+    monkeypatch.setattr(module, "_cached_on_disk", lambda disp, args: None)
+    monkeypatch.setattr(module, "ANNOUNCE_AFTER_S", 0.05)
+
+    class Slow:
+        def __getattr__(self, name):
+            return getattr(module._K, name)
+
+        @staticmethod
+        def all_finite(a):
+            time.sleep(0.3)
+            return True
+
+    be._k = Slow()
+    be.all_finite(np.ones(3))
+    be.all_finite(np.ones(3))
+    err = capsys.readouterr().err
+    assert err.count("fastbp: probably compiling Numba code for the small kernels") == 1
