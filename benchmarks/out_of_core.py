@@ -1,6 +1,7 @@
 """Out-of-core fit: memory growth and throughput on a 1.4 GB np.memmap against the in-memory fit.
 
-    .venv/bin/python benchmarks/out_of_core.py [--rows 3000000] [--epochs 2] [--out FILE]
+    .venv/bin/python benchmarks/out_of_core.py [--rows 3000000] [--epochs 3] [--repeats 2] [--out FILE]
+    .venv/bin/python benchmarks/out_of_core.py --memory-limit-mb 768 --out FILE   # root: in a cgroup
 
 The issue's workload: 3M x 128 float32 inputs (1.4 GiB on disk, in /tmp), int16 class labels,
 shuffled, batch 256, an MLP [128, 64, 10] (relu, cross_entropy, float32). Each configuration runs
@@ -109,16 +110,71 @@ def child(mode: str, rows: int, epochs: int) -> dict:
             "loss_last": float(history[-1]), "data_bytes": int(X.nbytes + y.nbytes)}
 
 
+def _cgroup(limit_bytes: int) -> Path:
+    """A fresh memory cgroup limited to ``limit_bytes`` (page cache included, as the kernel counts)."""
+    v1 = Path("/sys/fs/cgroup/memory")
+    if v1.is_dir():
+        group = v1 / f"fastbp-ooc-{os.getpid()}"
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+    else:
+        group = Path("/sys/fs/cgroup") / f"fastbp-ooc-{os.getpid()}"
+        group.mkdir()
+        (group / "memory.max").write_text(str(limit_bytes))
+        (group / "memory.swap.max").write_text("0")
+    return group
+
+
+def limited(args) -> None:
+    """Both fits inside a memory limit smaller than the data set: which one trains."""
+    sys.path.insert(0, str(HERE.parent))
+    from fastbp.bench import machine
+
+    xp, yp = make_data(args.rows)
+    limit = args.memory_limit_mb << 20
+    group = _cgroup(limit)
+    results = []
+    try:
+        for mode in ("memmap", "in_memory"):
+            t0 = time.perf_counter()
+            enter = f"echo $$ > {group}/cgroup.procs && exec \"$0\" \"$@\""
+            out = subprocess.run(["sh", "-c", enter, sys.executable, __file__, "--child", mode, "--rows",
+                                  str(args.rows), "--epochs", "2"], capture_output=True, text=True)
+            run = {"mode": mode, "returncode": out.returncode, "wall_s": time.perf_counter() - t0,
+                   "trained": out.returncode == 0}
+            if out.returncode == 0:
+                run.update(json.loads(out.stdout.strip().splitlines()[-1]))
+            elif out.returncode in (-9, 137):
+                run["killed"] = "SIGKILL (the cgroup's out-of-memory killer)"
+            results.append(run)
+            print(f"{mode:10s} in {args.memory_limit_mb} MiB: "
+                  + ("trained" if run["trained"] else f"failed ({out.returncode})"), flush=True)
+    finally:
+        group.rmdir()
+    record = {"benchmark": "out_of_core_memory_limit", "memory_limit_mb": args.memory_limit_mb,
+              "data_bytes": xp.stat().st_size + yp.stat().st_size, "runs": results,
+              "machine": {"cpu": machine.cpu_model(), "cpus": machine.cpu_counts()},
+              "load": machine.load_snapshot("after")}
+    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=3_000_000)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each mode (alternating)")
     parser.add_argument("--out", default=str(HERE / "results" / "out-of-core-latest.json"))
+    parser.add_argument("--memory-limit-mb", type=int, default=0,
+                        help="instead: run the memmap and the in-memory fit each in a memory cgroup of this "
+                             "size (root; cgroup v1 or v2) and record which one trains")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.rows, args.epochs)))
+        return
+    if args.memory_limit_mb:
+        limited(args)
         return
 
     sys.path.insert(0, str(HERE.parent))
