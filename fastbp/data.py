@@ -333,7 +333,6 @@ class BatchStream:
                     pending.cancel() or pending.exception()
 
 
-
 def train_epoch(net, stream: BatchStream, order, rule, state, strategy: str, count: bool, coll=None):
     """One epoch of ``net`` over ``stream``; returns ``(loss_sum, n_done, n_correct)`` as
     :meth:`Backend.train_epoch` does (``n_done`` short of ``n`` when a batch's cost was not
