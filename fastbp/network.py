@@ -409,7 +409,7 @@ class MLP:
     # ------------------------------------------------------------ training
     def fit(self, X, Y, epochs=1, batch_size=32, lr=None, optimizer=None, shuffle=True, strategy="vectorized",
             progress=None, validation_data=None, validation_split=0.0, seed=None, schedule=None,
-            callbacks=None, threads=None):
+            callbacks=None, threads=None, comm=None):
         """Train by backpropagation and an optimizer on the mean cost; returns the per-epoch History.
 
         See :func:`fastbp.training.fit` for every argument.
@@ -421,7 +421,7 @@ class MLP:
             return fit(self, X, Y, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
                        shuffle=shuffle, strategy=strategy, progress=progress, validation_data=validation_data,
                        validation_split=validation_split, seed=seed, schedule=schedule, callbacks=callbacks,
-                       threads=threads)
+                       threads=threads, comm=comm)
 
     def _evaluate(self, Xd, Yd, prefix: str = "val_") -> dict[str, float]:
         """Mean cost (and accuracy for classification losses) of the model as it is now."""
@@ -458,7 +458,8 @@ class MLP:
         s = self.spec
         return dict(format_version=np.int64(FORMAT_VERSION), sizes=np.asarray(s.sizes, np.int64),
                     activation=np.str_(s.hidden), output=np.str_(s.output), loss=np.str_(s.loss),
-                    dtype=np.str_(s.dtype.name), params=to_numpy(self._params), **self._optimizer_fields())
+                    dtype=np.str_(s.dtype.name), params=to_numpy(self._params),
+                    rng=np.str_(json.dumps(self._rng.bit_generator.state)), **self._optimizer_fields())
 
     @classmethod
     def load(cls, path) -> "MLP":
@@ -491,6 +492,8 @@ class MLP:
                 fields = _read_model(f, origin)
         net = cls._rebuild(fields, fields["params"], origin=origin)
         net._restore_optimizer(fields, origin=origin)
+        if fields.get("rng") is not None:  # the shuffle stream goes on where it was saved
+            net._rng = _generator_from_json(fields["rng"], origin)
         return net
 
     def _optimizer_fields(self) -> dict:
@@ -556,6 +559,8 @@ class MLP:
         net.seed, net.init, net._rng = state["seed"], state["init"], state["rng"]
         net._restore_optimizer(state, origin="pickled MLP")
         self.__dict__.update(net.__dict__)
+        if self.optimizer is not None:  # bound to this model, not the temporary one it was rebuilt in
+            self.optimizer._bind(self)
 
 
 class LogisticRegression(MLP):
@@ -630,6 +635,7 @@ _MEMBERS = {
     "format_version": ("iu", 0), "sizes": ("iu", 1), "activation": ("U", 0), "output": ("U", 0),
     "loss": ("U", 0), "dtype": ("U", 0), "params": ("f", 1),
     "optimizer": ("U", 0), "optimizer_step": ("iu", 0), "optimizer_state": ("f", 2),  # version 2
+    "rng": ("U", 0),  # version 2: the shuffle generator's state (JSON), absent in older files
 }
 _REQUIRED = ("format_version", "sizes", "activation", "output", "loss", "dtype", "params")
 _OPTIMIZER_MEMBERS = ("optimizer", "optimizer_step", "optimizer_state")
@@ -777,8 +783,23 @@ def _read_members(archive: zipfile.ZipFile, origin: str, size: int) -> dict:
             raise ValueError(f"{origin} is corrupt: optimizer_state has shape {k}; expected (k <= 2, {n})")
         fields.update(optimizer=str(small["optimizer"][()]), optimizer_step=int(small["optimizer_step"]),
                       optimizer_state=_member_values(archive, infos["optimizer_state"], "optimizer_state", origin))
+    if "rng" in small:
+        fields["rng"] = str(small["rng"][()])
     fields["params"] = _member_values(archive, infos["params"], "params", origin)
     return fields
+
+
+def _generator_from_json(text: str, origin: str) -> np.random.Generator:
+    """The shuffle generator saved by :meth:`MLP.save` (NumPy's PCG64 state as JSON)."""
+    try:
+        state = json.loads(text)
+        if not isinstance(state, dict) or state.get("bit_generator") != "PCG64":
+            raise ValueError(f"expected a PCG64 state, got {str(state)[:80]}")
+        bits = np.random.PCG64()
+        bits.state = state
+    except (TypeError, ValueError, KeyError, OverflowError, RecursionError) as exc:
+        raise ValueError(f"{origin} is corrupt: unreadable rng state ({exc})") from None
+    return np.random.Generator(bits)
 
 
 def _member_header(archive, info, key, origin, size):

@@ -337,7 +337,12 @@ def sgd_update(params, grads, lr):
     # Plain SGD reads no layer layout; one "layer" of n - 1 inputs and one output spans n values.
     spec = NetSpec((n - 1, 1), "identity", "identity", "mse", params.dtype)
     state = OptimizerState(call.be.zeros((0, n), params.dtype))
-    call.be.update(spec, UpdateRule("sgd", lr=lr), params, grads, state, 1)
+    xp = call.be.xp
+    # compiled updates walk flat memory: strided views go through contiguous copies
+    flat = params if params.flags.c_contiguous else xp.ascontiguousarray(params)
+    call.be.update(spec, UpdateRule("sgd", lr=lr), flat, xp.ascontiguousarray(grads), state, 1)
+    if flat is not params:
+        params[...] = flat
     return params
 
 

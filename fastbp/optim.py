@@ -95,22 +95,27 @@ class Optimizer:
 
     # --- state
     def _check_owner(self, net) -> None:
-        owner = self._owner() if self._owner is not None else None
-        if owner is not None and owner is not net:
+        """An instance trains one model: once bound, another model is refused, whether the first
+        is still alive or not (so the answer never depends on garbage collection)."""
+        if self._owner is not None and self._owner() is not net:
             raise ValueError(f"optimizer {self!r} already trains another model. Received: an instance "
                              "bound to a different MLP. Expected a new instance (or copy.deepcopy of this one)")
 
     def _bind(self, net) -> OptimizerState:
-        """The state for ``net``, allocated (zeros, step 0) the first time or when the rule needs
-        more buffers than it has (momentum switched on later)."""
+        """The state for ``net``, allocated (zeros, step 0) the first time, when its buffers do not
+        fit this model (an unpickled optimizer given to a model of another dtype or backend), or
+        when the rule needs more buffers than it has (momentum switched on later)."""
         need = self.rule().n_buffers
         st = self.state
-        if st is None or st.buffers.shape[0] < need or st.buffers.shape[1:] != (net.n_params,):
+        fits = (st is not None and st.buffers.shape[1:] == (net.n_params,) and st.buffers.dtype == net.dtype
+                and type(st.buffers) is type(net._params))
+        if not fits:
+            st = None
+        if st is None or st.buffers.shape[0] < need:
             buffers = net.backend.zeros((need, net.n_params), net.dtype)
-            if st is not None and st.buffers.shape[1:] == (net.n_params,) and st.buffers.shape[0]:
+            if st is not None and st.buffers.shape[0]:
                 buffers[:st.buffers.shape[0]] = st.buffers  # keep what there is (e.g. Adam moments)
-            step = 0 if st is None else st.steps
-            self.state = OptimizerState(buffers, step)
+            self.state = OptimizerState(buffers, 0 if st is None else st.steps)
         self._owner = weakref.ref(net)
         return self.state
 
@@ -209,6 +214,8 @@ def from_config(kind: str, config: dict) -> Optimizer:
 
 
 # ---------------------------------------------------------------- schedules
+MONITORS = ("loss", "val_loss", "accuracy", "val_accuracy")  # what History records and schedules may watch
+
 class Schedule:
     """A per-epoch learning-rate schedule.
 
@@ -291,12 +298,15 @@ class InverseScalingLR(Schedule):
 class ReduceLROnPlateau(Schedule):
     """Multiply the rate by ``factor`` once ``monitor`` has not improved by more than ``min_delta``
     for ``patience`` epochs in a row (Keras's ReduceLROnPlateau; scikit-learn's "adaptive" is
-    ``factor=0.2``). Never below ``min_lr``."""
+    ``factor=0.2``). Losses improve downwards, accuracies upwards. Never below ``min_lr``."""
 
     def __init__(self, monitor="loss", factor=0.1, patience=10, min_delta=1e-4, min_lr=0.0) -> None:
         if not isinstance(monitor, str):
             raise TypeError(f"monitor must be a str. Received: monitor={monitor!r}")
+        if monitor not in MONITORS:
+            raise ValueError(f"unknown monitor. Received: monitor={monitor!r}. Expected one of {list(MONITORS)}")
         self.monitor = monitor
+        self._sign = -1.0 if monitor.endswith("accuracy") else 1.0  # compared as "lower is better"
         self.factor = _real("factor", factor, low=0.0, high=1.0, low_open=True, high_open=True)
         if isinstance(patience, bool) or not isinstance(patience, numbers.Integral) or patience < 0:
             raise ValueError(f"patience must be an int >= 0. Received: patience={patience!r}")
@@ -312,7 +322,7 @@ class ReduceLROnPlateau(Schedule):
         if self.monitor not in logs:
             raise ValueError(f"ReduceLROnPlateau monitors {self.monitor!r}, which this fit does not record. "
                              f"Received logs with {sorted(logs)}")
-        value = logs[self.monitor]
+        value = self._sign * logs[self.monitor]
         if value < self._best - self.min_delta:
             self._best, self._wait = value, 0
         else:

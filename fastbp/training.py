@@ -212,10 +212,16 @@ def fit(net, X, Y, epochs=1, batch_size=32, lr=None, optimizer=None, shuffle=Tru
             raise TypeError("validation_data must be a pair (X_val, Y_val). "
                             f"Received: {type(validation_data).__name__}")
         val = net._inputs_targets(*validation_data, names=("validation_data[0]", "validation_data[1]"))
-    for hook in hooks:
-        if isinstance(hook, EarlyStopping) and hook.monitor.startswith("val_") and val is None:
-            raise ValueError(f"EarlyStopping(monitor={hook.monitor!r}) needs validation data. Received: "
-                             "validation_data=None and validation_split=0. Expected one of them, or monitor='loss'")
+    watchers = [h for h in hooks if isinstance(h, EarlyStopping)]
+    watchers += [schedule] if isinstance(schedule, optim.ReduceLROnPlateau) else []
+    for watcher in watchers:  # what they monitor must be recorded, known before anything trains
+        what = f"{type(watcher).__name__}(monitor={watcher.monitor!r})"
+        if watcher.monitor.startswith("val_") and val is None:
+            raise ValueError(f"{what} needs validation data. Received: validation_data=None and "
+                             "validation_split=0. Expected one of them, or monitor='loss'")
+        if watcher.monitor.endswith("accuracy") and net.spec.loss == "mse":
+            raise ValueError(f"{what} needs a classification loss; this model's is 'mse', which records "
+                             "no accuracy. Expected monitor='loss' or 'val_loss'")
 
     if comm is not None:  # the ranks agree before anything changes (the same error on all, or none)
         comm.check_batch(n if batch_size is None else min(batch_size, n), n, batch_size)
@@ -271,6 +277,7 @@ class _Trainer:
         history = History()
         for hook in self.hooks:
             hook.model = net
+            hook.stop_training = False  # a callback reused from an earlier fit starts afresh, as in Keras
             hook.on_train_begin({})
         if self.schedule is not None:
             self.schedule.start(opt.lr)
@@ -286,6 +293,7 @@ class _Trainer:
                     snapshot[...] = net._params
                     state_snapshot[...] = opt.state.buffers
                     step0 = opt.state.steps
+                    rng_state = self.rng.bit_generator.state  # a diverged epoch must not move the stream
                     rule = opt.rule()
                     if self.stream is not None:  # chunks of rows (under MPI: allreduce per batch)
                         order = self.rng.permutation(self.n) if self.shuffle else None
@@ -302,6 +310,7 @@ class _Trainer:
                         net._params[...] = snapshot
                         opt.state.buffers[...] = state_snapshot
                         opt.state.step[0] = step0
+                        self.rng.bit_generator.state = rng_state
                         raise TrainingDivergedError(
                             f"training diverged: the loss became NaN or Inf in epoch {epoch + 1} ({opt!r}); "
                             f"parameters and optimizer state restored to those at the start of epoch "
@@ -316,7 +325,7 @@ class _Trainer:
                     logs["samples_seen"] = samples
                     history._record(logs)
                     if self.schedule is not None:
-                        opt.lr = self.schedule.next_lr(epoch, logs)
+                        opt.lr = _scheduled_lr(self.schedule, epoch, logs, dtype)
                     stop = False
                     for hook in self.hooks:
                         stop = bool(hook.on_epoch_end(epoch, logs)) or hook.stop_training or stop
@@ -369,6 +378,20 @@ def _check_lr_fits(lr: float, dtype: np.dtype) -> None:
     if lr > float(info.max) or dtype.type(lr) == 0:
         raise ValueError(f"lr does not fit the model's dtype. Received: lr={lr!r}. Expected a value between "
                          f"{float(info.smallest_subnormal):.3g} and {float(info.max):.3g} ({dtype.name})")
+
+
+def _scheduled_lr(schedule, epoch: int, logs: dict, dtype: np.dtype) -> float:
+    """The schedule's next rate, kept inside what the model's dtype can hold as a positive rate
+    (a decay to 0 or a growth past the dtype's maximum would otherwise stop training midway or
+    leave the optimizer with a rate the next fit refuses)."""
+    try:
+        lr = float(schedule.next_lr(epoch, logs))
+    except OverflowError:
+        lr = math.inf
+    if math.isnan(lr):
+        raise ValueError(f"{schedule!r} gave lr=nan after epoch {epoch + 1}. Expected a positive number")
+    info = np.finfo(dtype)
+    return min(max(lr, float(info.tiny)), float(info.max))
 
 
 def _callbacks(callbacks) -> list[Callback]:

@@ -77,7 +77,7 @@ def diverging():
 def fit_case(seed, fit_data, kwargs, comm=None):
     kwargs = dict(kwargs)
     net = model(seed, kwargs.pop("loss", "cross_entropy"))
-    history = training.fit(net, *fit_data, progress=False, comm=comm, **kwargs)
+    history = net.fit(*fit_data, progress=False, comm=comm, **kwargs)  # the public entry point
     return net._params.copy(), dict(history.history), net.optimizer.state.steps
 
 

@@ -354,3 +354,120 @@ def test_saved_optimizer_fields_are_readable(tmp_path):
         assert meta == {"kind": "adamw", "config": {"lr": 0.003, "betas": [0.8, 0.9], "eps": 1e-8,
                                                     "weight_decay": 0.01}}
         assert int(f["optimizer_step"]) == 1 and f["optimizer_state"].shape == (2, net.n_params)
+
+
+# ---------------------------------------------------------------- review findings, each reproduced first
+def test_an_instance_stays_bound_after_its_model_is_gone():
+    import gc
+
+    X, Y = make_data(8, 3, 2, "mse")
+    opt = optim.Adam(lr=0.01)
+    fb.MLP([3, 4, 2], seed=5).fit(X, Y, optimizer=opt)
+    gc.collect()  # the first model is gone; its moments must not leak into a new one
+    fresh = fb.MLP([3, 4, 2], seed=5)
+    with pytest.raises(ValueError, match="already trains another model"):
+        fresh.fit(X, Y, optimizer=opt)
+    assert fresh.optimizer is None
+
+
+def test_an_unpickled_models_optimizer_is_bound_to_it():
+    import pickle
+
+    X, Y = make_data(8, 3, 2, "mse")
+    a = fb.MLP([3, 4, 2], seed=0)
+    a.fit(X, Y, optimizer="adam")
+    c = pickle.loads(pickle.dumps(a))
+    assert c.optimizer._owner() is c
+    with pytest.raises(ValueError, match="already trains another model"):
+        fb.MLP([3, 4, 2], seed=0).fit(X, Y, optimizer=c.optimizer)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(callbacks=[fb.EarlyStopping(monitor="accuracy")]), "needs a classification loss"),
+    (dict(callbacks=[fb.EarlyStopping(monitor="val_accuracy")]), "needs validation data"),
+    (dict(schedule=optim.ReduceLROnPlateau(monitor="val_loss")), "needs validation data"),
+    (dict(schedule=optim.ReduceLROnPlateau(monitor="accuracy")), "needs a classification loss"),
+])
+def test_monitors_are_checked_before_anything_trains(backend, kwargs, match):
+    X, Y = make_data(12, 3, 2, "mse")
+    net = fb.MLP([3, 4, 2], seed=1)
+    before = fb.to_numpy(net._params).copy()
+    with pytest.raises(ValueError, match=match):
+        net.fit(X, Y, epochs=3, **kwargs)
+    np.testing.assert_array_equal(fb.to_numpy(net._params), before)
+    assert net.optimizer is None
+    with pytest.raises(ValueError, match="unknown monitor"):
+        optim.ReduceLROnPlateau(monitor="vall_loss")
+
+
+def test_reduce_on_plateau_reads_accuracy_upwards():
+    sched = optim.ReduceLROnPlateau(monitor="accuracy", factor=0.5, patience=1, min_delta=0.0)
+    sched.start(1.0)
+    assert [sched.next_lr(e, {"accuracy": a}) for e, a in enumerate([0.7, 0.9, 0.95, 1.0, 1.0])] == \
+        [1.0, 1.0, 1.0, 1.0, 0.5]
+
+
+def test_save_load_continues_the_shuffle_stream_too(backend):
+    import io
+
+    X, Y = make_data(30, 3, 2, "mse", seed=2)
+    a = fb.MLP([3, 4, 2], dtype="float64", seed=1)
+    a.fit(X, Y, optimizer="adam", batch_size=8)
+    buf = io.BytesIO()
+    a.save(buf)
+    buf.seek(0)
+    b = fb.MLP.load(buf)
+    a.fit(X, Y, batch_size=8)  # shuffle=True, seed=None: both continue their own (equal) streams
+    b.fit(X, Y, batch_size=8)
+    np.testing.assert_array_equal(fb.to_numpy(a._params), fb.to_numpy(b._params))
+
+
+def test_schedules_keep_the_rate_a_positive_number_of_the_dtype(backend):
+    X, Y = make_data(10, 3, 1, "mse")
+    net = fb.MLP([3, 1], dtype="float32", seed=0)
+    hist = net.fit(X, Y, epochs=4, lr=1e-3, schedule=optim.ExponentialLR(gamma=1e-30))
+    assert len(hist) == 4 and all(lr > 0 and np.float32(lr) > 0 for lr in hist.history["lr"])
+    net.fit(X, Y)  # the rate it was left with is still one the next fit accepts
+    with pytest.raises(fb.TrainingDivergedError):  # a rate grown past the dtype: divergence, not OverflowError
+        net.fit(X, Y, epochs=3, lr=0.01, schedule=optim.ExponentialLR(gamma=1e200))
+
+
+def test_a_reused_callback_starts_each_fit_afresh():
+    class StopAtTwo(fb.Callback):
+        def on_epoch_end(self, epoch, logs):
+            if epoch == 2:
+                self.stop_training = True
+
+    X, Y = make_data(10, 3, 1, "mse")
+    net, cb = fb.MLP([3, 1], seed=0), StopAtTwo()
+    assert len(net.fit(X, Y, epochs=5, callbacks=[cb])) == 3
+    assert len(net.fit(X, Y, epochs=5, callbacks=[cb])) == 3
+
+
+def test_a_diverged_epoch_leaves_the_shuffle_stream_where_it_was(backend):
+    X, Y = make_data(40, 3, 2, "mse", seed=3)
+    X = X * 50
+    net = fb.MLP([3, 8, 2], activation="relu", dtype="float64", seed=0)
+    state = net._rng.bit_generator.state
+    with pytest.raises(fb.TrainingDivergedError):
+        net.fit(X, Y, epochs=50, batch_size=4, lr=5.0)
+    replay = fb.MLP([3, 8, 2], activation="relu", dtype="float64", seed=0)
+    epochs_done = None
+    try:
+        replay.fit(X, Y, epochs=50, batch_size=4, lr=5.0)
+    except fb.TrainingDivergedError as exc:
+        epochs_done = len(exc.history)
+    assert epochs_done is not None
+    # the stream after the failed fit is the one after the epochs that completed, not one further
+    check = np.random.default_rng()
+    check.bit_generator.state = state
+    for _ in range(epochs_done):
+        check.permutation(len(X))
+    assert net._rng.bit_generator.state == check.bit_generator.state
+
+
+def test_ops_sgd_update_on_strided_views_is_the_same_everywhere(backend):
+    params = backend.asarray(np.arange(10.0), np.float64)[::2]
+    grads = backend.asarray(np.ones(10), np.float64)[::2]
+    fb.ops.sgd_update(params, grads, 0.5)
+    np.testing.assert_array_equal(fb.to_numpy(params), np.arange(10.0)[::2] - 0.5)
