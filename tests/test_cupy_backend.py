@@ -303,7 +303,7 @@ def test_explicit_cupy_fails_clearly_here(fresh_registry):
     if cupy_importable():
         assert info.value.reason.startswith(("CUDA driver too old / not present (", "no CUDA device"))
     else:
-        assert info.value.reason == "cupy is not installed"
+        assert info.value.reason.startswith("cupy is not installed (")  # and whether a GPU is visible
     assert PIP in str(info.value)
     status = fb.backend_status()["cupy"]
     assert status is not None and PIP in status
