@@ -23,7 +23,9 @@ What runs where
 * ``train_epoch`` (``has_compiled_epoch``): a whole epoch in one call, for batch size 1
   (always; the update is applied where each gradient is formed, and a network with one hidden
   layer runs ``shallow_epoch``, the whole example in one loop: 2-8-1 at ~150 ns an example
-  against ~420 ns layer by layer), the "loop" strategy (always) and mini-batches whose
+  against ~420 ns layer by layer; one of at most ``SMALL_NET_MAX_PARAMS`` parameters gets
+  that loop compiled for its own sizes, ~80 ns, see ``_small_kernel``), the "loop" strategy
+  (always) and mini-batches whose
   ``batch_size * n_params`` is at most ``EPOCH_MAX_WORK``. Above that the model's per-batch
   path runs: its BLAS GEMMs take milliseconds and the Python between them is noise. Inside
   compiled code, products below ``FORWARD_BLAS_MIN`` / ``BACKWARD_BLAS_MIN`` multiply-adds
@@ -58,7 +60,9 @@ Every kernel is compiled on first use per dtype and cached on disk (``cache=True
 process loads machine code instead of compiling; a fit compiles only the entry point its
 path runs (plus the shuffle and check kernels). When the disk cache does not hold an entry
 point, its first call prints one line to stderr saying what is compiling and about how long
-(``_compiling``). ``warmup(dtype)`` compiles (or loads) everything up front and returns the
+(``_compiling``). A small network's own kernel is a generated module of a few lines (its
+sizes and codes as constants, the loop inlined from ``numba_kernels.shallow_body``), written
+once beside Numba's cache and compiled and cached like the rest. ``warmup(dtype)`` compiles (or loads) everything up front and returns the
 seconds it took, so benchmarks report JIT time separately from steady-state speed. Measured
 cold on the 2-core reference machine (quiet): per-example training with one hidden layer
 ~6-8 s, a mini-batch fit ~10 s, everything for one dtype ~26 s; with the cache, a new
@@ -249,6 +253,9 @@ class NumbaBackend(Backend):
     # handing each short GEMM to the second thread costs more than it saves; from ~1e7 on
     # (784-256-10 at batch 64: 449 vs 508 us) both cores win.
     SMALL_GEMM_MAX = 1 << 23
+    # One-hidden-layer nets with at most this many parameters train per example in a kernel
+    # compiled for their exact sizes (``_small_kernel``): there the loop overhead is the step.
+    SMALL_NET_MAX_PARAMS = 1024
 
     def __init__(self) -> None:
         from scipy.linalg import blas
@@ -263,17 +270,18 @@ class NumbaBackend(Backend):
         self._blas = _blas_controller()  # threadpoolctl's handle on the OpenBLAS our GEMMs use
         self._threads = _ThreadPolicy(self._blas, _usable_cores())
         self._seen: set = set()  # (entry, dtype) this process has already called
+        self._small: dict = {}  # (sizes, hidden, output, loss) -> generated kernel or None
         self._quiet = False  # warmup announces itself once instead of entry by entry
 
-    def _compiling(self, name: str, args, dtype):
+    def _compiling(self, name: str, args, dtype, disp=None):
         """Before a compiled entry's first call in this process: when the disk cache does not
         hold it (Numba will compile it now), one line to stderr saying what and roughly how
         long. Returns a timer to cancel after the call where the cache could not be read."""
         self._seen.add((name, dtype.char))
         what, seconds = _ENTRY.get(name, _BASIC)
-        disp = getattr(_K, name, None)
+        disp = getattr(_K, name, None) if disp is None else disp
         if self._quiet or ("basic", dtype.char) in self._seen and name not in _ENTRY:
-            return None  # warmup says it once; the small kernels get one line per dtype
+            return None  # warmup says it once; the layer kernels get one line per dtype
         cached = _cached_on_disk(disp, args) if disp is not None else True
         if cached:
             return None
@@ -289,14 +297,28 @@ class NumbaBackend(Backend):
         timer.start()
         return timer
 
-    def _run(self, name: str, dtype, *args):
-        """``self._k.<name>(*args)``, announcing a cold compile on its first call (``_compiling``)."""
-        timer = self._compiling(name, args, dtype) if (name, dtype.char) not in self._seen else None
+    def _run(self, name: str, dtype, *args, fn=None):
+        """``self._k.<name>(*args)`` (or ``fn(*args)``), announcing a cold compile on its first
+        call in this process (``_compiling``)."""
+        key = name if fn is None else f"{name}:{id(fn)}"
+        timer = self._compiling(name, args, dtype, fn) if (key, dtype.char) not in self._seen else None
+        self._seen.add((key, dtype.char))
         try:
-            return getattr(self._k, name)(*args)
+            return (getattr(self._k, name) if fn is None else fn)(*args)
         finally:
             if timer is not None:
                 timer.cancel()
+
+    def _small_kernel(self, spec: NetSpec):
+        """``shallow_epoch`` compiled for this one network's sizes and codes (LLVM unrolls its
+        loops: 2-8-1 at ~80 ns an example against ~145), for nets of at most
+        ``SMALL_NET_MAX_PARAMS`` parameters; None where the generated module cannot be made."""
+        if spec.n_layers != 2 or spec.n_params > self.SMALL_NET_MAX_PARAMS:
+            return None
+        key = (spec.sizes, spec.hidden, spec.output, spec.loss)
+        if key not in self._small:
+            self._small[key] = _load_small_kernel(spec.sizes, *self._spec(spec)[1:])
+        return self._small[key]
 
     def set_threads(self, n: int | None):
         """BLAS threads for this backend's GEMMs: ``n`` >= 1 fixed, or None for the automatic
@@ -541,9 +563,10 @@ class NumbaBackend(Backend):
         hp, step, buffers, dt = rule.hyper(), state.step, state.buffers, params.dtype
         if batch_size == 1:
             work = self._workspace(spec, 0, dt)
-            name = "shallow_epoch" if spec.n_layers == 2 else "examples_epoch"  # one hidden layer: one fused loop
+            small = self._small_kernel(spec)
+            name = "small_epoch" if small else "shallow_epoch" if spec.n_layers == 2 else "examples_epoch"
             total, done, correct = self._run(name, dt, sizes, hidden, output, loss, params, X, Y, hp, step, buffers,
-                                             work)
+                                             work, fn=small)
         elif strategy == "loop":
             work = self._workspace(spec, 0, dt)
             total, done, correct = self._run("loop_epoch", dt, sizes, hidden, output, loss, params, grads, X, Y,
@@ -593,8 +616,10 @@ class NumbaBackend(Backend):
         X = rng.standard_normal((n, 3)).astype(dt)
         Y = np.zeros((n, 2), dt)
         Y[:, 0] = 1
-        # one hidden layer (shallow_epoch per example) and two (examples_epoch)
-        for sizes, loss, output in (((3, 5, 2), "cross_entropy", "softmax"), ((3, 4, 5, 2), "mse", "identity")):
+        # one hidden layer, too many parameters for a kernel of its own (shallow_epoch per
+        # example), and two (examples_epoch); small nets' own kernels compile when first used
+        wide = (3, self.SMALL_NET_MAX_PARAMS // 4, 2)
+        for sizes, loss, output in ((wide, "cross_entropy", "softmax"), ((3, 4, 5, 2), "mse", "identity")):
             spec = NetSpec(sizes, "relu", output, loss, dt)
             params = (rng.standard_normal(spec.n_params) * 0.1).astype(dt)
             grads = np.empty_like(params)
@@ -692,8 +717,9 @@ _ENTRY = {
     "loop_epoch": ("mini-batch training with the per-example loop", 4),
     "loop_batch": ("per-example gradients", 4),
     "apply_update": ("the optimizer update", 2),
+    "small_epoch": ("per-example training of this small network (compiled for its sizes)", 4),
 }
-_BASIC = ("the small kernels (shuffle, checks, forward and loss pieces)", 1)  # each, on its first use
+_BASIC = ("the shuffle, check and layer kernels", 1)  # each, on its first use
 ANNOUNCE_AFTER_S = 1.0  # where the cache cannot be read: say it once a call has taken this long
 
 
@@ -720,6 +746,76 @@ def _cache_dir(disp) -> str:
 def _say(message: str) -> None:
     sys.stderr.write(message + "\n")
     sys.stderr.flush()
+
+
+_SMALL_SOURCE = '''"""Generated by fastbp.kernels.numba: shallow_epoch for one network, {sizes} with codes
+hidden={hidden} output={output} loss={loss}, as compile-time constants. Safe to delete.
+numba_kernels.py sha256 {digest} (Numba's cache does not see changes to inlined code, so the
+file name and text carry it: an edited numba_kernels.py means a new file)."""
+from numba import njit
+
+from fastbp.kernels.numba_kernels import _DOT_MATH, shallow_body
+
+N_IN, N_HIDDEN, N_OUT, HIDDEN, OUTPUT, LOSS = {n_in}, {n_hidden}, {n_out}, {hidden}, {output}, {loss}
+
+
+@njit(cache=True, error_model="numpy", fastmath=_DOT_MATH)
+def epoch(sizes, hidden, output, loss, P, X, Y, hp, step, S, work):
+    return shallow_body(N_IN, N_HIDDEN, N_OUT, HIDDEN, OUTPUT, LOSS, P, X, Y, hp, step, S, work)
+'''
+
+
+def _generated_dir():
+    """Where generated kernel modules go: beside Numba's cache when NUMBA_CACHE_DIR is set, else
+    kernels/__pycache__ when writable, else the user cache directory."""
+    candidates = []
+    if numba.config.CACHE_DIR:
+        candidates.append(os.path.join(numba.config.CACHE_DIR, "fastbp_generated"))
+    candidates.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__", "fastbp_generated"))
+    candidates.append(os.path.join(os.path.expanduser("~"), ".cache", "fastbp", "generated"))
+    for path in candidates:
+        try:
+            os.makedirs(path, exist_ok=True)
+            if os.access(path, os.W_OK):
+                return path
+        except OSError:
+            continue
+    return None
+
+
+_DIGEST = None
+
+
+def _load_small_kernel(sizes, hidden: int, output: int, loss: int):
+    """Write (once) and import the generated module for one small network; its ``epoch``."""
+    global _DIGEST
+    import hashlib
+    import importlib.util
+
+    try:
+        if _DIGEST is None:
+            with open(_K.__file__, "rb") as f:
+                _DIGEST = hashlib.sha256(f.read()).hexdigest()
+        folder = _generated_dir()
+        if folder is None:
+            return None
+        n_in, n_hidden, n_out = (int(v) for v in sizes)
+        name = f"fastbp_small_{n_in}_{n_hidden}_{n_out}_{hidden}_{output}_{loss}_{_DIGEST[:16]}"
+        path = os.path.join(folder, name + ".py")
+        if not os.path.exists(path):
+            text = _SMALL_SOURCE.format(sizes=list(sizes), n_in=n_in, n_hidden=n_hidden, n_out=n_out, hidden=hidden,
+                                        output=output, loss=loss, digest=_DIGEST)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)  # atomic: a process importing it never sees half a file
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # Numba's cache finds the function's module again by this name
+        spec.loader.exec_module(module)
+        return module.epoch
+    except Exception:  # read-only everywhere, odd file systems: the shared shallow_epoch serves
+        return None
 
 
 def create() -> NumbaBackend:

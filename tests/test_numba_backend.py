@@ -617,7 +617,7 @@ def test_a_cold_compile_is_announced_once(monkeypatch, capsys):
     import fastbp.kernels.numba as module
 
     be = module.create()  # a fresh backend: nothing seen in this process yet
-    spec = NetSpec((3, 4, 2), "relu", "softmax", "cross_entropy", np.dtype("float64"))
+    spec = NetSpec((3, 300, 2), "relu", "softmax", "cross_entropy", np.dtype("float64"))  # no kernel of its own
     rng = np.random.default_rng(11)
     params, grads = rng.standard_normal(spec.n_params) * 0.1, np.empty(spec.n_params)
     X, Y = rng.standard_normal((4, 3)), np.eye(2)[[0, 1, 0, 1]]
@@ -656,4 +656,55 @@ def test_an_unreadable_cache_announces_a_slow_first_call(monkeypatch, capsys):
     be.all_finite(np.ones(3))
     be.all_finite(np.ones(3))
     err = capsys.readouterr().err
-    assert err.count("fastbp: probably compiling Numba code for the small kernels") == 1
+    assert err.count("fastbp: probably compiling Numba code for the shuffle, check and layer kernels") == 1
+
+
+@pytest.mark.parametrize("rule", RULE_CASES, ids=lambda r: f"{r.kind}-{r.momentum}-{r.l2}")
+@pytest.mark.parametrize("hidden,loss,output", COMBOS[:3])
+def test_the_kernel_compiled_for_a_small_net_equals_shallow_epoch(hidden, loss, output, rule):
+    """The generated, size-specialised per-example kernel against the shared one, float64."""
+    from fastbp.kernels import numba_kernels as K
+
+    net = _net("numba", [3, 5, 2], hidden, loss, output, "float64", seed=12)
+    small = NB._small_kernel(net.spec)
+    assert small is not None and small is NB._small_kernel(net.spec)  # made once, then reused
+    X, Y = _data(11, [3, 5, 2], loss, seed=13)
+    sizes, h, o, lc = NB._spec(net.spec)
+    results = []
+    for run in (small, K.shallow_epoch):
+        params, state = net._params.copy(), _state(rule, net.spec)
+        out = run(sizes, h, o, lc, params, X, Y, rule.hyper(), state.step, state.buffers,
+                  np.empty(3 * sum(net.spec.sizes)))
+        results.append((params, state.buffers, out))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-12, atol=1e-14)
+    assert results[0][2][1:] == results[1][2][1:] and results[0][2][0] == pytest.approx(results[1][2][0], rel=1e-12)
+
+
+def test_small_kernels_only_for_small_shallow_nets_and_never_required(monkeypatch):
+    import fastbp.kernels.numba as module
+
+    deep = NetSpec((3, 4, 4, 2), "relu", "softmax", "cross_entropy", np.dtype("float64"))
+    wide = NetSpec((784, 128, 10), "relu", "softmax", "cross_entropy", np.dtype("float64"))
+    assert NB._small_kernel(deep) is None and NB._small_kernel(wide) is None
+    be = module.create()
+    monkeypatch.setattr(module, "_generated_dir", lambda: None)  # nowhere writable
+    spec = NetSpec((2, 3, 1), "tanh", "sigmoid", "log_loss", np.dtype("float64"))
+    assert be._small_kernel(spec) is None
+    rng = np.random.default_rng(14)
+    params, grads = rng.standard_normal(spec.n_params), np.empty(spec.n_params)
+    X, Y = rng.standard_normal((5, 2)), rng.integers(0, 2, (5, 1)).astype(float)
+    assert be.train_epoch(spec, params, grads, X, Y, 1, SGD01, _no_state(spec), "vectorized")[1] == 5
+
+
+def test_the_generated_module_names_the_kernels_it_inlines(tmp_path, monkeypatch):
+    import hashlib
+
+    import fastbp.kernels.numba as module
+
+    monkeypatch.setattr(module, "_generated_dir", lambda: str(tmp_path))
+    epoch = module._load_small_kernel((2, 3, 1), 0, 0, 1)
+    (path,) = tmp_path.glob("fastbp_small_2_3_1_0_0_1_*.py")
+    with open(module._K.__file__, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    assert digest[:16] in path.name and digest in path.read_text() and callable(epoch)
