@@ -32,6 +32,11 @@ What runs where
   are hand loops (a BLAS call costs more than the arithmetic there); larger ones call BLAS.
   Plain SGD is fused into the weight-gradient GEMM (``W += -lr D^T A``, BLAS beta = 1,
   through ``numba_kernels.gemm``): no gradient buffer written, no update pass after it.
+* The compiled epochs and the update run with denormals flushed to zero (x86 FTZ/DAZ, set on
+  entry and restored on exit): moments of weights whose gradient stays zero sink into the
+  denormal range and stay there, and each operation on one is a microcode assist (784-128-10
+  per example with Adam: 37 us an example against 22 flushed). Only values below the
+  dtype's smallest normal number are affected.
 
 Threads
 -------

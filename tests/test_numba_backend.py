@@ -708,3 +708,26 @@ def test_the_generated_module_names_the_kernels_it_inlines(tmp_path, monkeypatch
     with open(module._K.__file__, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     assert digest[:16] in path.name and digest in path.read_text() and callable(epoch)
+
+
+def test_epochs_flush_denormals_inside_and_restore_the_caller_s_mode():
+    """Moments stuck in the denormal range are flushed within the compiled epochs (and
+    MXCSR is restored after them: NumPy in this thread still computes denormals)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("FTZ/DAZ are x86 SSE flags")
+    spec = NetSpec((3, 300, 2), "relu", "softmax", "cross_entropy", np.dtype("float32"))
+    rng = np.random.default_rng(15)
+    params = (rng.standard_normal(spec.n_params) * 0.1).astype(np.float32)
+    X = np.zeros((2, 3), np.float32)  # zero inputs: every first-layer weight's gradient is 0
+    Y = np.eye(2, dtype=np.float32)
+    rule = UpdateRule("adam", lr=1e-3)
+    state = OptimizerState(np.zeros((2, spec.n_params), np.float32))
+    tiny = np.float32(1e-44)  # a denormal; 0.9 * it rounds back to it without flushing
+    state.buffers[0, :3 * 300] = tiny
+    for bs in (1, 2):
+        NB.train_epoch(spec, params, np.empty_like(params), X, Y, bs, rule, state, "vectorized")
+        assert (state.buffers[0, :3 * 300] == 0).all()
+        state.buffers[0, :3 * 300] = tiny
+    assert tiny * np.float32(0.9) != 0  # the caller's thread computes denormals as before
