@@ -67,8 +67,9 @@ path runs (plus the shuffle and check kernels). When the disk cache does not hol
 point, its first call prints one line to stderr saying what is compiling and about how long
 (``_compiling``). A small network's own kernel is a generated module of a few lines (its
 sizes and codes as constants, the loop inlined from ``numba_kernels.shallow_body``), written
-once beside Numba's cache and compiled and cached like the rest. ``warmup(dtype)`` compiles (or loads) everything up front and returns the
-seconds it took, so benchmarks report JIT time separately from steady-state speed. Measured
+once beside Numba's cache and compiled and cached like the rest. ``warmup(dtype)`` compiles
+(or loads) everything up front and returns the seconds it took, so benchmarks report JIT
+time separately from steady-state speed. Measured
 cold on the 2-core reference machine (quiet): per-example training with one hidden layer
 ~6-8 s, a mini-batch fit ~10 s, everything for one dtype ~26 s; with the cache, a new
 process goes from start to its first fit in ~0.6 s. Editing ``numba_kernels.py`` invalidates
