@@ -70,10 +70,12 @@ sizes and codes as constants, the loop inlined from ``numba_kernels.shallow_body
 once beside Numba's cache and compiled and cached like the rest. ``warmup(dtype)`` compiles
 (or loads) everything up front and returns the seconds it took, so benchmarks report JIT
 time separately from steady-state speed. Measured
-cold on the 2-core reference machine (quiet): per-example training with one hidden layer
-~6-8 s, a mini-batch fit ~10 s, everything for one dtype ~26 s; with the cache, a new
-process goes from start to its first fit in ~0.6 s. Editing ``numba_kernels.py`` invalidates
-its cache.
+cold on the 2-core reference machine (one other busy process): a per-example fit ~8-10 s, a
+mini-batch fit ~10-12 s, everything for one dtype (warmup) ~28-31 s; with the cache, a new
+process goes from start to its first fit in ~0.2-0.3 s. Numba's front end is ~60% of a cold
+compile (NUMBA_OPT=0 still takes ~18 of the ~28 s), so what shortens it is fewer
+specialisations: call sites pass one argument type per parameter (see numba_kernels.py).
+Editing ``numba_kernels.py`` invalidates its cache.
 """
 
 from __future__ import annotations
@@ -604,8 +606,8 @@ class NumbaBackend(Backend):
         dt = np.dtype(dtype)
         t0 = time.perf_counter()
         timer = threading.Timer(ANNOUNCE_AFTER_S, _say, (
-            f"fastbp: compiling every Numba kernel for {dt.name} (warmup): about "
-            f"{sum(s for _, s in _ENTRY.values()) + 10} s, once; later runs load them from the disk cache",))
+            f"fastbp: compiling every Numba kernel for {dt.name} (warmup): about {WARMUP_S} s, once; "
+            "later runs load them from the disk cache",))
         timer.daemon = True
         timer.start()
         self._quiet = True
@@ -714,17 +716,19 @@ def _host_cpu_name() -> str:
 
 
 # What each compiled entry point is, and roughly how long its cold compile takes per dtype
-# (measured on the 2-core reference machine with an empty cache; the first one also compiles
-# the helpers later ones share, so a fit's first compile is the larger figure).
+# (measured on the 2-core reference machine with an empty cache, with ~1 other busy process;
+# the first one also compiles the helpers later ones share, so a fit's first compile is the
+# larger figure).
 _ENTRY = {
-    "shallow_epoch": ("per-example training", 6),
-    "examples_epoch": ("per-example training (several hidden layers)", 8),
-    "batch_epoch": ("mini-batch training", 10),
+    "shallow_epoch": ("per-example training", 8),
+    "examples_epoch": ("per-example training (several hidden layers)", 10),
+    "batch_epoch": ("mini-batch training", 12),
     "loop_epoch": ("mini-batch training with the per-example loop", 4),
     "loop_batch": ("per-example gradients", 4),
     "apply_update": ("the optimizer update", 2),
-    "small_epoch": ("per-example training of this small network (compiled for its sizes)", 4),
+    "small_epoch": ("per-example training of this small network (compiled for its sizes)", 10),
 }
+WARMUP_S = 30  # everything for one dtype, the same way
 _BASIC = ("the shuffle, check and layer kernels", 1)  # each, on its first use
 ANNOUNCE_AFTER_S = 1.0  # where the cache cannot be read: say it once a call has taken this long
 

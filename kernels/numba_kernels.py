@@ -6,7 +6,9 @@ ZeroDivisionError check on every float division, and that branch kept LLVM from 
 any loop that divides: Adam's update (``m / (sqrt(v) ... + eps)``) ran 12-25x slower with it
 (203k parameters: 0.5-1.1 ms against 41 us, float32), and so did every loop indexed by a
 signed offset (momentum 280 vs 29 us). Division by zero gives inf/NaN, as in NumPy.
-Names become small integer codes (``ACT_CODE``, ``LOSS_CODE``) so one compiled function
+Call sites pass offsets as int64 and flags as ``np.bool_``: a literal (``0``, ``True``) or a
+uint64 argument makes Numba compile another specialisation of the callee (56 instead of 42
+per dtype, several seconds of cold compile). Names become small integer codes (``ACT_CODE``, ``LOSS_CODE``) so one compiled function
 serves every activation and loss; the branch on a code sits outside the inner loops, which
 stay branch-free and vectorize.
 
@@ -212,7 +214,7 @@ def output_range(loss, code, z, a, d, lo, Y, row, want_delta):
             if want_delta:
                 d[lo + j] = r
         if want_delta:
-            dact_range(code, z, a, d, lo, k)
+            dact_range(code, z, a, d, np.int64(lo), np.int64(k))
         return cost
     if loss == LOG_LOSS and code == SIGMOID:  # c = (1-y) softplus(z) + y softplus(-z), dc/dz = a - y
         for j in range(k):
@@ -256,7 +258,7 @@ def output_range(loss, code, z, a, d, lo, Y, row, want_delta):
         if want_delta and ac != aj:  # the cost saw the clipped a: flat there, no gradient
             d[lo + j] = 0
     if want_delta:
-        dact_range(code, z, a, d, lo, k)
+        dact_range(code, z, a, d, np.int64(lo), np.int64(k))
     return cost
 
 
@@ -305,8 +307,8 @@ def output_layer(loss, code, z, a, d, lo, Y, row, scale):
             cost += (1.0 - t) * (max(xf, 0.0) + tail) + t * (max(-xf, 0.0) + tail)
             d[lo + j] = (a[lo + j] - Y[row, j]) * scale
         return cost
-    act_range(code, z, a, lo, k)
-    cost = output_range(loss, code, z, a, d, lo, Y, row, True)
+    act_range(code, z, a, np.int64(lo), np.int64(k))
+    cost = output_range(loss, code, z, a, d, np.int64(lo), Y, row, np.bool_(True))
     for j in range(k):
         d[lo + j] *= scale
     return cost
@@ -324,7 +326,7 @@ def activation(code, Z, A):
         for r in range(Z.shape[0]):
             act_range(code, Zf, Af, r * k, k)
     else:
-        act_range(code, Zf, Af, 0, Z.size)
+        act_range(code, Zf, Af, np.int64(0), Z.size)
 
 
 @njit(cache=True, error_model="numpy")
@@ -336,7 +338,7 @@ def activation_backward(code, Z, A, D):
         for r in range(D.shape[0]):
             dact_range(code, Zf, Af, Df, r * k, k)
     else:
-        dact_range(code, Zf, Af, Df, 0, D.size)
+        dact_range(code, Zf, Af, Df, np.int64(0), D.size)
 
 
 @njit(cache=True, error_model="numpy")
@@ -356,7 +358,7 @@ def output_delta(loss, code, Z, A, Y, D):
     k = Z.shape[1]
     total = 0.0
     for r in range(Z.shape[0]):
-        total += output_range(loss, code, Zf, Af, Df, r * k, Y, r, True)
+        total += output_range(loss, code, Zf, Af, Df, r * k, Y, r, np.bool_(True))
     return total
 
 
@@ -367,7 +369,7 @@ def loss_sum(loss, code, Z, A, Y):
     k = Z.shape[1]
     total = 0.0
     for r in range(Z.shape[0]):
-        total += output_range(loss, code, Zf, Af, Zf, r * k, Y, r, False)
+        total += output_range(loss, code, Zf, Af, Zf, r * k, Y, r, np.bool_(False))
     return total
 
 
@@ -496,12 +498,7 @@ def _update_range(c, P, G, S, lo, hi, l2):
             P[i], M[i], V[i] = _rule_step(c, P[i], G[i], M[i], V[i], l2)
 
 
-# The same loops inlined into the per-example epochs, where a call per example cost more than
-# a small net's whole update.
-_update_range_inline = njit(cache=True, error_model="numpy", inline="always")(_update_range.py_func)
-
-
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def _apply_update(hp, step, sizes, params, grads, state, rows):
     """One optimizer step over the flat buffers, layer by layer (``l2`` reaches weights only);
     advances ``step[0]``."""
@@ -858,11 +855,11 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, hp, step, S, wo
             for j in range(H):
                 acc += P[base + j] * acts[h0 + j]
             zs[o0 + o] = acc + P[b2 + o]
-        cost = output_layer(loss, output, zs, acts, ds, o0, Y, s, one)
+        cost = output_layer(loss, output, zs, acts, ds, np.int64(o0), Y, s, one)
         if not np.isfinite(cost):
             return total, s, correct
         total += cost
-        correct += _row_correct(loss, acts, o0, Y, s)
+        correct += _row_correct(loss, acts, np.int64(o0), Y, s)
         step[0] += 1
         b1_t *= hp[HP_BETA1]
         b2_t *= hp[HP_BETA2]
@@ -900,17 +897,18 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, hp, step, S, wo
                 for k in range(n_in):
                     G[base + k] = d * Xf[xo + k]
                 G[b1 + j] = d
-            if l2 == 0:
-                _update_range_inline(c, P, G, S, 0, n_params, zero)
-            else:  # l2 reaches the weights only
-                _update_range_inline(c, P, G, S, w1, b1, l2)
-                _update_range_inline(c, P, G, S, b1, w2, zero)
-                _update_range_inline(c, P, G, S, w2, b2, l2)
-                _update_range_inline(c, P, G, S, b2, n_params, zero)
+            if l2 == 0:  # (inlined this call saved ~9 ns of 118 on 2-8-1 but doubled the compile)
+                _update_range(c, P, G, S, np.int64(0), np.int64(n_params), zero)
+            else:  # l2 reaches the weights only (scikit-learn's alpha)
+                _update_range(c, P, G, S, np.int64(w1), np.int64(b1), l2)
+                _update_range(c, P, G, S, np.int64(b1), np.int64(w2), zero)
+                _update_range(c, P, G, S, np.int64(w2), np.int64(b2), l2)
+                _update_range(c, P, G, S, np.int64(b2), np.int64(n_params), zero)
         else:  # each weight's step where its gradient is formed: no gradient buffer to write and read
             c = rule_scalars_at(hp, b1_t, b2_t, one)
-            rank1_step(c, P, S, w2, b2, n_out, H, ds, o0, acts, h0, l2)
-            rank1_step(c, P, S, w1, b1, H, n_in, ds, h0, Xf, xo, l2)
+            i64 = np.int64  # the offset type every other caller passes: one compiled rank1_step
+            rank1_step(c, P, S, i64(w2), i64(b2), i64(n_out), i64(H), ds, i64(o0), acts, i64(h0), l2)
+            rank1_step(c, P, S, i64(w1), i64(b1), i64(H), i64(n_in), ds, i64(h0), Xf, i64(xo), l2)
     return total, X.shape[0], correct
 
 
@@ -971,7 +969,7 @@ def _view_bases(work, sizes, u_off):
     return bases
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _view(work, bases, sizes, n, kind, l):
     # Z, A or D (kind 0, 1, 2) of weight layer l: its first n rows
     base, k = bases[kind, l], sizes[l + 1]
@@ -1007,7 +1005,7 @@ def _forward_product(A, P, wo, bo, W, Z, Anext, code, plan):
     for s in range(n):
         dense(P, wo, bo, n_out, n_in, Af, s * n_in, Zf, s * n_out)
     if code >= 0:
-        act_range(code, Zf, Nf, 0, Z.size)
+        act_range(code, Zf, Nf, np.int64(0), Z.size)
 
 
 @njit(cache=True, error_model="numpy")
@@ -1029,7 +1027,7 @@ def _bias_act(code, Zf, P, bo, Af, n, k):
             for j in range(k):
                 z = Zf[base + j] + P[bo + j]
                 Zf[base + j] = z
-            act_range(code, Zf, Af, base, k)
+            act_range(code, Zf, Af, np.int64(base), np.int64(k))
 
 
 @njit(cache=True, error_model="numpy")
@@ -1047,10 +1045,10 @@ def _weight_step(D, A, G, wo, bo, gW, plan, neg_lr):
     if n * n_in * n_out >= plan[BACKWARD_MIN]:
         if fused:
             gemm(True, False, neg_lr, D, A, one, gW)
-            bias_grad(D, G[bo:bo + n_out], neg_lr, True)
+            bias_grad(D, G[bo:bo + n_out], neg_lr, np.bool_(True))
         else:
             np.dot(D.T, A, gW)
-            bias_grad(D, G[bo:bo + n_out], one, True)
+            bias_grad(D, G[bo:bo + n_out], one, np.bool_(True))
         return
     if not fused:
         gW[:] = 0
