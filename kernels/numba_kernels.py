@@ -6,11 +6,12 @@ ZeroDivisionError check on every float division, and that branch kept LLVM from 
 any loop that divides: Adam's update (``m / (sqrt(v) ... + eps)``) ran 12-25x slower with it
 (203k parameters: 0.5-1.1 ms against 41 us, float32), and so did every loop indexed by a
 signed offset (momentum 280 vs 29 us). Division by zero gives inf/NaN, as in NumPy.
+
 Call sites pass offsets as int64 and flags as ``np.bool_``: a literal (``0``, ``True``) or a
 uint64 argument makes Numba compile another specialisation of the callee (56 instead of 42
-per dtype, several seconds of cold compile). Names become small integer codes (``ACT_CODE``, ``LOSS_CODE``) so one compiled function
-serves every activation and loss; the branch on a code sits outside the inner loops, which
-stay branch-free and vectorize.
+per dtype, several seconds of cold compile). Names become small integer codes (``ACT_CODE``,
+``LOSS_CODE``) so one compiled function serves every activation and loss; the branch on a
+code sits outside the inner loops, which stay branch-free and vectorize.
 
 The row-level kernels take flat arrays plus an offset (``z[lo:lo+k]`` is one example's
 layer) rather than slices: a slice is an array object with a reference count, and making a
