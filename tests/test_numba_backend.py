@@ -386,7 +386,7 @@ def _entry_kernels():
 
     source = inspect.getsource(module)
     names = set(re.findall(r"\b(?:self\._k|K)\.([a-z_]\w*)", source)) | set(re.findall(r'self\._run\("(\w+)"', source))
-    names |= {"shallow_epoch", "examples_epoch"}  # chosen by name in train_epoch
+    names |= {"examples_epoch"}  # chosen by name in train_epoch (shallow_epoch: a fallback, on use)
     return {name for name in names if hasattr(getattr(NB._k, name, None), "signatures")}
 
 
@@ -626,7 +626,7 @@ def test_a_cold_compile_is_announced_once(monkeypatch, capsys):
         be.train_epoch(spec, params, grads, X, Y, 1, SGD01, _no_state(spec), "vectorized")
     err = capsys.readouterr().err
     assert err.count("fastbp: compiling Numba code for per-example training (float64)") == 1
-    assert f"about {module._ENTRY['shallow_epoch'][1]} s, once" in err and "disk cache" in err
+    assert f"about {module._ENTRY['examples_epoch'][1]} s, once" in err and "disk cache" in err
 
     be = module.create()
     monkeypatch.setattr(module, "_cached_on_disk", lambda disp, args: True)
@@ -731,3 +731,21 @@ def test_epochs_flush_denormals_inside_and_restore_the_caller_s_mode():
         assert (state.buffers[0, :3 * 300] == 0).all()
         state.buffers[0, :3 * 300] = tiny
     assert tiny * np.float32(0.9) != 0  # the caller's thread computes denormals as before
+
+
+def test_per_example_paths_by_network():
+    """Small one-hidden-layer nets: their own kernel, or shallow_epoch where none can be made;
+    everything else layer by layer (examples_epoch)."""
+    import fastbp.kernels.numba as module
+
+    be = module.create()
+    ran = []
+    real = be._run
+    be._run = lambda name, dtype, *args, fn=None: ran.append(name) or real(name, dtype, *args, fn=fn)
+    rng = np.random.default_rng(16)
+    for sizes in ((3, 4, 2), (20, 60, 2), (3, 4, 4, 2)):
+        spec = NetSpec(sizes, "relu", "softmax", "cross_entropy", np.dtype("float64"))
+        params, grads = rng.standard_normal(spec.n_params) * 0.1, np.empty(spec.n_params)
+        X, Y = rng.standard_normal((3, sizes[0])), np.eye(2)[[0, 1, 0]]
+        be.train_epoch(spec, params, grads, X, Y, 1, SGD01, _no_state(spec), "vectorized")
+    assert ran == ["small_epoch", "examples_epoch", "examples_epoch"]
