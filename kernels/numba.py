@@ -71,9 +71,9 @@ once beside Numba's cache and compiled and cached like the rest. ``warmup(dtype)
 (or loads) everything up front and returns the seconds it took, so benchmarks report JIT
 time separately from steady-state speed. Measured
 cold on the 2-core reference machine (one other busy process): a per-example fit ~8-10 s, a
-mini-batch fit ~10-12 s, everything for one dtype (warmup) ~28-31 s; with the cache, a new
+mini-batch fit ~10-12 s, everything for one dtype (warmup) ~23-30 s; with the cache, a new
 process goes from start to its first fit in ~0.2-0.3 s. Numba's front end is ~60% of a cold
-compile (NUMBA_OPT=0 still takes ~18 of the ~28 s), so what shortens it is fewer
+compile (NUMBA_OPT=0 still took ~18 of ~28 s), so what shortens it is fewer
 specialisations: call sites pass one argument type per parameter (see numba_kernels.py).
 Editing ``numba_kernels.py`` invalidates its cache.
 """
@@ -733,7 +733,7 @@ _ENTRY = {
     "apply_update": ("the optimizer update", 2),
     "small_epoch": ("per-example training of this small network (compiled for its sizes)", 10),
 }
-WARMUP_S = 30  # everything for one dtype, the same way
+WARMUP_S = 25  # everything for one dtype, the same way
 _BASIC = ("the shuffle, check and layer kernels", 1)  # each, on its first use
 ANNOUNCE_AFTER_S = 1.0  # where the cache cannot be read: say it once a call has taken this long
 
