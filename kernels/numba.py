@@ -463,7 +463,11 @@ class NumbaBackend(Backend):
                 and out.dtype in self._gemm and delta_next.shape[1] > 0):
             super().hidden_delta(name, delta_next, w_next, z, a, out)
             return
-        self._run("hidden_delta", out.dtype, code, delta_next, w_next, z, a, out)
+        previous = self._threads.run_with(self._threads.decide())  # its GEMM is BLAS's too
+        try:
+            self._run("hidden_delta", out.dtype, code, delta_next, w_next, z, a, out)
+        finally:
+            self._threads.restore(previous)
 
     # ---- losses: value beside fused output delta
     def output_delta(self, loss, output, z, a, y, delta):
