@@ -369,8 +369,9 @@ def _unary(x, op: str) -> Tensor:
     return x if isinstance(x, Tensor) else _lift(x, None, op)
 
 
-def _topological(root: Tensor) -> list[Tensor]:
-    """Nodes ``root`` depends on through ``requires_grad`` parents, parents first (iterative DFS)."""
+def _walk(root: Tensor, parents) -> list[Tensor]:
+    """The nodes ``parents(node)`` leads to from ``root``, parents before children (iterative DFS,
+    so a 100k-node chain needs no recursion)."""
     order, seen = [], set()
     stack = [(root, False)]
     while stack:
@@ -382,25 +383,18 @@ def _topological(root: Tensor) -> list[Tensor]:
             continue
         seen.add(node)
         stack.append((node, True))
-        stack.extend((p, False) for p in node.parents if p.requires_grad and p not in seen)
+        stack.extend((p, False) for p in parents(node) if p not in seen)
     return order
+
+
+def _topological(root: Tensor) -> list[Tensor]:
+    """Nodes ``root`` depends on through ``requires_grad`` parents, parents first."""
+    return _walk(root, lambda node: [p for p in node.parents if p.requires_grad])
 
 
 def _all_nodes(root: Tensor) -> list[Tensor]:
     """Every node reachable from ``root`` (constants included), parents first."""
-    order, seen = [], set()
-    stack = [(root, False)]
-    while stack:
-        node, expanded = stack.pop()
-        if expanded:
-            order.append(node)
-            continue
-        if node in seen:
-            continue
-        seen.add(node)
-        stack.append((node, True))
-        stack.extend((p, False) for p in reversed(node.parents) if p not in seen)  # first parent drawn first
-    return order
+    return _walk(root, lambda node: reversed(node.parents))  # first parent drawn first
 
 
 def _chain(node: Tensor, g):
