@@ -15,11 +15,11 @@ $(VENV)/.created:
 	touch $@
 
 $(VENV)/.test: $(VENV)/.created pyproject.toml
-	$(PIP) install --quiet -e '.[test,mpi]'
+	$(PIP) install --quiet -e '.[test,mpi,mkl]'
 	touch $@
 
 $(VENV)/.bench: $(VENV)/.created pyproject.toml
-	$(PIP) install --quiet -e '.[bench]'
+	$(PIP) install --quiet -e '.[bench,mkl]'
 	touch $@
 
 test: $(VENV)/.test

@@ -5,7 +5,7 @@
 
 For each workload (issue 10's five) and each rule: samples/s through ``net.fit`` (the user's
 view), the same epoch through ``backend.train_epoch`` alone (the compiled epoch, no fit-loop
-Python), the flat optimizer update alone, and the step's matrix products alone (``np.dot`` in
+Python), the flat optimizer update alone, and the step's matrix products alone (``numba_kernels.gemm`` in
 a compiled loop at the step's shapes, on the BLAS fastbp uses, at the BLAS thread count the
 step ran). ``gemm_share_pct`` = GEMM time / step time; ``rest_us`` = the step less its GEMMs.
 
@@ -93,22 +93,16 @@ def optimizer(name: str):
 
 def gemm_products(sizes, n: int) -> list[dict]:
     """Each matrix product of one step alone, timed as compiled code calls it."""
-    from numba import njit
+    from fastbp.kernels import numba_kernels as K
 
-    @njit
     def nt(a, w, z, reps):  # forward: Z = A W^T
-        for _ in range(reps):
-            np.dot(a, w.T, z)
+        K.gemm_loop(False, True, a, w, z, reps)
 
-    @njit
     def tn(d, a, g, reps):  # weight gradient: G = D^T A
-        for _ in range(reps):
-            np.dot(d.T, a, g)
+        K.gemm_loop(True, False, d, a, g, reps)
 
-    @njit
     def nn(d, w, p, reps):  # input gradient: P = D W
-        for _ in range(reps):
-            np.dot(d, w, p)
+        K.gemm_loop(False, False, d, w, p, reps)
 
     rng = np.random.default_rng(0)
     out = []

@@ -7,10 +7,10 @@ when the backend is first asked for.
 
 What runs where
 ---------------
-* GEMMs go to BLAS: ``matmul`` calls the ``?gemm`` of SciPy's OpenBLAS (alpha and beta
-  inside the GEMM, ``out`` written in place), and compiled code calls ``np.dot``, which
-  Numba routes to that same library. One BLAS library on purpose: NumPy ships its own
-  OpenBLAS, and alternating GEMMs between the two ran 2-100x slower on the 2-core
+* GEMMs go to one BLAS library, SciPy's OpenBLAS or MKL (``FASTBP_BLAS``, chosen in
+  ``kernels/blas.py``): ``matmul`` and the compiled epochs call ``numba_kernels.gemm`` (alpha
+  and beta inside the GEMM, ``out`` written in place). One library on purpose: NumPy ships
+  its own OpenBLAS, and alternating GEMMs between the two ran 2-100x slower on the 2-core
   reference machine (each pool's idle workers spin while the other pool computes).
 * Elementwise work is compiled and fused: ``hidden_delta`` is the GEMM then one pass
   applying phi'; ``output_delta`` is loss, ``dc/da`` and phi' in one pass per row; bias
@@ -97,6 +97,7 @@ try:  # only this backend's modules import numba
 except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
 else:
+    from . import blas as _blas
     from . import numba_kernels as _K
 
 
@@ -110,18 +111,21 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _fortran_operand(m: np.ndarray, transposed: bool):
-    """``m.T if transposed else m`` as (Fortran-ordered array, BLAS trans flag), without copying."""
-    v = m.T if transposed else m
-    if v.flags.f_contiguous:
-        return v, 0
-    if v.flags.c_contiguous:
-        return v.T, 1
-    return np.asfortranarray(v), 0
+def _row_major_operand(m: np.ndarray, transposed: bool):
+    """``op(m)`` as (C-contiguous array, trans flag) for ``numba_kernels.gemm``, or None
+    where neither ``m`` nor ``m.T`` is C-contiguous."""
+    if m.flags.c_contiguous:
+        return m, transposed
+    if m.T.flags.c_contiguous:
+        return m.T, not transposed
+    return None
+
+
+_GEMM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class _ThreadPolicy:
-    """How many threads SciPy's OpenBLAS (every GEMM of this backend) runs, decided per call.
+    """How many threads the BLAS library (every GEMM of this backend) runs, decided per call.
 
     ``fixed`` (``set_threads(n)``) or automatic: as many threads as there are cores the other
     processes leave free, measured from ``/proc/stat`` over the time since the last decision
@@ -266,16 +270,14 @@ class NumbaBackend(Backend):
     SMALL_NET_MAX_PARAMS = 1024
 
     def __init__(self) -> None:
-        from scipy.linalg import blas
-
         from .numpy import NumpyBackend
 
         self._k = _K
-        self._gemm = {np.dtype(np.float32): blas.sgemm, np.dtype(np.float64): blas.dgemm}
+        self.blas_library = _blas.active()  # which BLAS the GEMMs call (FASTBP_BLAS); raises if unusable
         self._ref = NumpyBackend()  # for shapes/layouts the compiled kernels do not take
         self._specs: dict = {}  # NetSpec -> (sizes array, hidden code, output code, loss code)
         self._work: OrderedDict = OrderedDict()  # (NetSpec, rows, dtype) -> flat workspace, LRU
-        self._blas = _blas_controller()  # threadpoolctl's handle on the OpenBLAS our GEMMs use
+        self._blas = _blas_controller(self.blas_library)  # threadpoolctl's handle on that library
         self._threads = _ThreadPolicy(self._blas, _usable_cores())
         self._seen: set = set()  # (entry, dtype) this process has already called
         self._small: dict = {}  # (sizes, hidden, output, loss) -> generated kernel or None
@@ -377,10 +379,10 @@ class NumbaBackend(Backend):
             "scipy": scipy.__version__,
             "numba_threads": 1,  # every compiled kernel runs on the calling thread
             "numba_threading_layer": "unused (no parallel kernels)",
-            "blas_threads": _blas_threads(blas),
+            "blas_threads": _blas_threads(blas, self.blas_library),
             "blas_threads_policy": self._threads.describe(),
             "blas": blas,
-            "blas_used": "SciPy's OpenBLAS (scipy.linalg.blas and Numba's np.dot) for every GEMM",
+            "blas_used": self.blas_library.describe(),
             "thread_policy": ("BLAS threads chosen per call: as many as the cores other processes leave free "
                               "(set_threads(n) fixes them; a threadpoolctl limit is a ceiling); compiled mini-batch "
                               f"epochs whose largest GEMM is < {self.SMALL_GEMM_MAX} multiply-adds run BLAS on one "
@@ -395,18 +397,17 @@ class NumbaBackend(Backend):
 
     # ------------------------------------------------------------ basic kernels
     def matmul(self, a, b, out, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0):
-        gemm = self._gemm.get(out.dtype)
-        if (gemm is None or a.ndim != 2 or b.ndim != 2 or out.ndim != 2 or out.size == 0
+        x = _row_major_operand(a, trans_a) if isinstance(a, np.ndarray) and a.ndim == 2 else None
+        y = _row_major_operand(b, trans_b) if isinstance(b, np.ndarray) and b.ndim == 2 else None
+        if (x is None or y is None or out.ndim != 2 or out.size == 0 or out.dtype not in _GEMM_DTYPES
                 or a.dtype != out.dtype or b.dtype != out.dtype or not out.flags.c_contiguous
                 or (a.shape[0] if trans_a else a.shape[1]) == 0):
             self._ref.matmul(a, b, out, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta)
             return
-        # out (m, n) in C order is out.T (n, m) in Fortran order: out.T = op(b)^T op(a)^T.
-        x, tx = _fortran_operand(b, not trans_b)
-        y, ty = _fortran_operand(a, not trans_a)
+        T = out.dtype.type
         previous = self._threads.run_with(self._threads.decide())
         try:
-            gemm(alpha, x, y, beta, out.T, tx, ty, 1)
+            self._run("gemm", out.dtype, np.bool_(x[1]), np.bool_(y[1]), T(alpha), x[0], y[0], T(beta), out)
         finally:
             self._threads.restore(previous)
 
@@ -460,7 +461,7 @@ class NumbaBackend(Backend):
         code = _act_code(name)
         if not (_c(delta_next, w_next, z, a, out) and out.ndim == 2 and delta_next.ndim == 2
                 and z.shape == a.shape == out.shape and _same_dtype(delta_next, w_next, z, a, out)
-                and out.dtype in self._gemm and delta_next.shape[1] > 0):
+                and out.dtype in _GEMM_DTYPES and delta_next.shape[1] > 0):
             super().hidden_delta(name, delta_next, w_next, z, a, out)
             return
         previous = self._threads.run_with(self._threads.decide())  # its GEMM is BLAS's too
@@ -693,24 +694,30 @@ def _loss_code(name) -> int:
     return code
 
 
-def _blas_controller():
-    """threadpoolctl's controller of SciPy's OpenBLAS (the library our GEMMs call), or None."""
+def _blas_controller(library):
+    """threadpoolctl's controller of the BLAS library our GEMMs call (kernels/blas.py), or None."""
     try:
         from threadpoolctl import ThreadpoolController
 
         for lib in ThreadpoolController().lib_controllers:
-            if lib.user_api == "blas" and "scipy.libs" in (lib.filepath or ""):
+            if lib.user_api != "blas":
+                continue
+            path = lib.filepath or ""
+            if (library.name == "mkl" and lib.internal_api == "mkl") or (
+                    library.name == "openblas" and "scipy.libs" in path):
                 return lib
     except Exception:  # pragma: no cover - threadpoolctl missing or a BLAS it cannot drive
         pass
     return None
 
 
-def _blas_threads(blas: list) -> int | None:
-    """Threads of the BLAS that runs our GEMMs (SciPy's OpenBLAS), as threadpoolctl sees it."""
+def _blas_threads(blas: list, library) -> int | None:
+    """Threads of the BLAS that runs our GEMMs, as threadpoolctl sees it."""
     for lib in blas:
         path = lib.get("filepath") or ""
-        if "scipy.libs" in path or ("scipy_openblas" in path and "openblas64_" not in path):
+        if library.name == "mkl" and lib.get("internal_api") == "mkl":
+            return lib.get("num_threads")
+        if library.name == "openblas" and ("scipy.libs" in path or ("scipy_openblas" in path and "openblas64_" not in path)):
             return lib.get("num_threads")
     return blas[0].get("num_threads") if blas else None
 
@@ -841,10 +848,4 @@ def create() -> NumbaBackend:
     """The Numba backend, or BackendUnavailableError saying why not and how to fix it."""
     if numba is None:
         raise BackendUnavailableError("numba", "numba is not installed", "pip install numba")
-    try:
-        import scipy.linalg.blas  # noqa: F401 - Numba's np.dot and our GEMMs call SciPy's BLAS
-    except ImportError:
-        raise BackendUnavailableError(
-            "numba", "scipy is not installed (Numba's BLAS calls go through SciPy)", "pip install scipy"
-        ) from None
-    return NumbaBackend()
+    return NumbaBackend()  # raises BackendUnavailableError where no BLAS can be bound (kernels/blas.py)

@@ -41,6 +41,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import blas as _blas
 from .base import (ACT_CODE, HP_BETA1, HP_BETA2, HP_EPS, HP_KIND, HP_L2, HP_LR, HP_MOMENTUM, HP_NESTEROV,
                    HP_WEIGHT_DECAY, LEAKY_SLOPE, LOSS_CODE, RULE_CODE)
 
@@ -61,13 +62,14 @@ _U = np.uint64
 # float sum into SIMD lanes and use FMA; NaN/Inf semantics stay IEEE everywhere.
 _DOT_MATH = {"reassoc", "contract"}
 
-# SciPy's BLAS ?gemm through Numba's own C helper (the symbol np.dot's lowering calls; found by
-# name at link time, so cached machine code stays valid across processes).
-_xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
-    types.char, types.char, types.char, types.intp, types.intp, types.intp,  # kind, transa, transb, m, n, k
-    types.voidptr, types.voidptr, types.intp, types.voidptr, types.intp,  # alpha, a, lda, b, ldb
-    types.voidptr, types.voidptr, types.intp))  # beta, c, ldc
-_S, _D, _N, _T = ord("s"), ord("d"), ord("n"), ord("t")  # ?gemm's kind and transpose characters
+# The BLAS ?gemm of kernels/blas.py (SciPy's OpenBLAS or MKL, bound by name in LLVM's symbol
+# table before any kernel links, so cached machine code serves either library). Fortran
+# calling convention: every argument by pointer.
+_GEMM_SIG = types.void(*([types.voidptr] * 13))
+_sgemm = types.ExternalFunction("fastbp_sgemm", _GEMM_SIG)
+_dgemm = types.ExternalFunction("fastbp_dgemm", _GEMM_SIG)
+_N, _T = ord("n"), ord("t")  # ?gemm's transpose characters
+_blas.bind_if_possible()
 
 # ============================================================ denormals
 # The training epochs run with denormals flushed to zero (MXCSR's FTZ and DAZ bits, set on entry
@@ -348,7 +350,7 @@ def hidden_delta(code, Dn, Wn, Z, A, out):
 
     Replaces ``matmul`` + ``activation_backward`` (one call, one pass over ``out``).
     """
-    np.dot(Dn, Wn, out)
+    gemm(False, False, type(out[0, 0])(1.0), Dn, Wn, type(out[0, 0])(0.0), out)
     activation_backward(code, Z, A, out)
 
 
@@ -979,17 +981,40 @@ def _view(work, bases, sizes, n, kind, l):
 
 @njit(cache=True, error_model="numpy")
 def gemm(trans_a, trans_b, alpha, A, B, beta, C):
-    """``C = alpha op(A) op(B) + beta C`` for C-contiguous row-major matrices, one BLAS ``?gemm``
-    (SciPy's, the one ``np.dot`` calls), with the alpha and beta that ``np.dot`` lacks: an update
-    ``W += -lr D^T A`` is then one GEMM writing into the parameters (beta = 1), with no gradient
-    buffer and no pass over it after."""
+    """``C = alpha op(A) op(B) + beta C`` for row-major matrices (unit column stride), one BLAS
+    ``?gemm`` (kernels/blas.py's library), with the alpha and beta that ``np.dot`` lacks: an
+    update ``W += -lr D^T A`` is then one GEMM writing into the parameters (beta = 1), with no
+    gradient buffer and no pass over it after."""
     m, n = C.shape
+    if m == 0 or n == 0:
+        return
     k = A.shape[0] if trans_a else A.shape[1]
+    size = C.itemsize
     ab = np.empty(2, C.dtype)
     ab[0], ab[1] = alpha, beta
     # row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: the operands swap
-    _xxgemm(_S if C.itemsize == 4 else _D, _T if trans_b else _N, _T if trans_a else _N, n, m, k,
-            ab[:1].ctypes, B.ctypes, B.shape[1], A.ctypes, A.shape[1], ab[1:].ctypes, C.ctypes, C.shape[1])
+    dims = np.empty(6, np.int32)
+    dims[0], dims[1], dims[2] = n, m, k
+    dims[3] = max(1, B.strides[0] // size, B.shape[1])
+    dims[4] = max(1, A.strides[0] // size, A.shape[1])
+    dims[5] = max(1, C.strides[0] // size, C.shape[1])
+    trans = np.empty(2, np.uint8)
+    trans[0], trans[1] = _T if trans_b else _N, _T if trans_a else _N
+    args = (trans[:1].ctypes, trans[1:].ctypes, dims[0:].ctypes, dims[1:].ctypes, dims[2:].ctypes, ab[:1].ctypes,
+            B.ctypes, dims[3:].ctypes, A.ctypes, dims[4:].ctypes, ab[1:].ctypes, C.ctypes, dims[5:].ctypes)
+    if size == 4:
+        _sgemm(*args)
+    else:
+        _dgemm(*args)
+
+
+@njit(cache=True, error_model="numpy")
+def gemm_loop(trans_a, trans_b, A, B, C, reps):
+    """``C = op(A) op(B)`` ``reps`` times back to back: one product alone, as the epochs call it
+    (the benchmarks' GEMM-only time of a step)."""
+    one, zero = type(C[0, 0])(1.0), type(C[0, 0])(0.0)
+    for _ in range(reps):
+        gemm(trans_a, trans_b, one, A, B, zero, C)
 
 
 @njit(cache=True, error_model="numpy")
@@ -999,7 +1024,7 @@ def _forward_product(A, P, wo, bo, W, Z, Anext, code, plan):
     n_out = Z.shape[1]
     Zf, Nf = Z.reshape(Z.size), Anext.reshape(Anext.size)
     if n * n_in * n_out >= plan[FORWARD_MIN]:
-        np.dot(A, W.T, Z)
+        gemm(False, True, type(Z[0, 0])(1.0), A, W, type(Z[0, 0])(0.0), Z)
         _bias_act(code, Zf, P, bo, Nf, n, n_out)
         return
     Af = A.reshape(A.size)
@@ -1048,7 +1073,7 @@ def _weight_step(D, A, G, wo, bo, gW, plan, neg_lr):
             gemm(True, False, neg_lr, D, A, one, gW)
             bias_grad(D, G[bo:bo + n_out], neg_lr, np.bool_(True))
         else:
-            np.dot(D.T, A, gW)
+            gemm(True, False, one, D, A, type(G[0])(0.0), gW)
             bias_grad(D, G[bo:bo + n_out], one, np.bool_(True))
         return
     if not fused:
@@ -1065,7 +1090,7 @@ def _input_delta(D, P, wo, W, out, plan):
     n, n_out = D.shape
     n_in = out.shape[1]
     if n * n_in * n_out >= plan[BACKWARD_MIN]:
-        np.dot(D, W, out)
+        gemm(False, False, type(out[0, 0])(1.0), D, W, type(out[0, 0])(0.0), out)
         return
     Df, Of = D.reshape(D.size), out.reshape(out.size)
     for s in range(n):

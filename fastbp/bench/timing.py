@@ -102,30 +102,22 @@ _COMPILED: dict[str, Callable] = {}
 
 
 def _compiled_products() -> dict[str, Callable] | None:
-    """Numba loops calling ``np.dot`` ``reps`` times: the BLAS calls of compiled code, no Python between."""
+    """The Numba backend's own GEMM (``numba_kernels.gemm``, on the BLAS library kernels/blas.py
+    chose) ``reps`` times in a compiled loop: the BLAS calls of compiled code, no Python between."""
     if _COMPILED:
         return _COMPILED
     try:
-        from numba import njit
-    except ImportError:
+        from fastbp.kernels import blas
+        from fastbp.kernels import numba_kernels as K
+
+        blas.active()
+    except Exception:  # no numba, or no usable BLAS for it
         return None
-
-    @njit(cache=False)
-    def forward(a, w, z, reps):  # Z = A W^T
-        for _ in range(reps):
-            np.dot(a, w.T, z)
-
-    @njit(cache=False)
-    def weight_gradient(d, a, g, reps):  # G = D^T A
-        for _ in range(reps):
-            np.dot(d.T, a, g)
-
-    @njit(cache=False)
-    def input_gradient(d, w, p, reps):  # P = D W
-        for _ in range(reps):
-            np.dot(d, w, p)
-
-    _COMPILED.update(forward=forward, weight_gradient=weight_gradient, input_gradient=input_gradient)
+    _COMPILED.update(
+        forward=lambda a, w, z, reps: K.gemm_loop(False, True, a, w, z, reps),  # Z = A W^T
+        weight_gradient=lambda d, a, g, reps: K.gemm_loop(True, False, d, a, g, reps),  # G = D^T A
+        input_gradient=lambda d, w, p, reps: K.gemm_loop(False, False, d, w, p, reps),  # P = D W
+    )
     return _COMPILED
 
 
@@ -158,7 +150,7 @@ def gemm_at_shapes(sizes, batch: int, dtype: str = "float32", *, compiled: bool 
     Python between calls); without Numba, or with ``compiled=False``, ``numpy.matmul``.
     """
     products = _compiled_products() if compiled else None
-    how = "np.dot in a Numba loop (SciPy's BLAS), no Python between calls"
+    how = "numba_kernels.gemm in a Numba loop (the Numba backend's BLAS), no Python between calls"
     if products is None:
         products, how = _numpy_products(), "numpy.matmul from Python (NumPy's BLAS)"
     rng = np.random.default_rng(0)
