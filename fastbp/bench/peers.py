@@ -13,7 +13,8 @@ examples every epoch, as ``MLP.fit`` does.
   each the mean over the batch, exactly fastbp's costs.
 * :func:`jax_throughput` -- the same model and costs as pure functions under ``jax.jit``, in
   one of two forms: ``"jit"``, one jitted step per batch called from a Python loop, and
-  ``"scan"``, the whole epoch (shuffle, every batch, the update) one jitted ``lax.scan``.
+  ``"scan"``, the whole epoch (the shuffle's gather, every batch, the update) one jitted
+  ``lax.scan``; each epoch's permutation is drawn by NumPy, as ``MLP.fit`` draws its own.
   Compile time is measured apart (the first call minus a steady one) and excluded.
 * :func:`sklearn_mlp_fit` -- ``MLPClassifier`` (``cross_entropy``, ``log_loss``) or
   ``MLPRegressor`` (``mse``) with ``alpha=0`` and the optimizer's own solver.
@@ -30,6 +31,7 @@ returns the trained ones, so their trajectories can be compared step by step.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 import warnings
@@ -43,6 +45,14 @@ _SKLEARN_ACTIVATION = {"sigmoid": "logistic", "relu": "relu", "tanh": "tanh", "i
 _ACTIVATIONS = ("sigmoid", "relu", "tanh", "leaky_relu", "identity")
 JAX_FORMS = ("jit", "scan")
 _JAX_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false"
+# XLA's CPU backend compiles a while loop (a lax.scan) whose body touches fewer bytes than this
+# limit as one kernel, and otherwise runs the body op by op (a thunk per fused op). Its default
+# limit is tiny: the 2-8-1 net's SGD loop fits, its momentum and Adam loops do not and run
+# 9x / 7x slower (~2400 / ~3100 ns a step instead of ~260 / ~410), and 784-128-10 at batch 1
+# runs 2.4-3x slower. Loops with XNNPACK-fused GEMMs (batch > 1) are never compiled this way.
+_JAX_SMALL_LOOP_OPTION = "xla_cpu_small_while_loop_byte_threshold"
+_JAX_SMALL_LOOP_BYTES = 100_000_000
+_JAX_SMALL_LOOPS = f"--xla_backend_extra_options={_JAX_SMALL_LOOP_OPTION}={_JAX_SMALL_LOOP_BYTES}"
 
 
 def _import(name: str, pip: str):
@@ -233,16 +243,24 @@ def torch_throughput(sizes, activation, loss, X, Y, batch_size, lr, epochs, dtyp
 
 # ---------------------------------------------------------------------------- JAX
 def _import_jax(threads):
-    """jax, with XLA's CPU pool cut to one thread when asked and jax is not imported yet.
+    """jax, with XLA's CPU pool cut to one thread when asked, and small loops compiled whole.
 
-    XLA reads its flags once, at import, and has a switch for one thread only
-    (``--xla_cpu_multi_thread_eigen=false``); returns ``(jax, note)``, the note saying
-    which thread setting is in effect.
+    XLA reads its flags once, at import, so both apply only when jax is not imported yet.
+    XLA has a switch for one thread only (``--xla_cpu_multi_thread_eigen=false``); and
+    ``_JAX_SMALL_LOOPS`` raises the size under which XLA compiles a whole ``lax.scan`` as one
+    kernel (the same arithmetic, bit for bit; see the comment there), unless ``XLA_FLAGS``
+    already has ``--xla_backend_extra_options`` of its own. Returns ``(jax, note)``, the note
+    saying which thread setting is in effect (:func:`_jax_loops_note` says the other).
     """
-    if "jax" not in sys.modules and threads is not None and int(threads) == 1:
+    if "jax" not in sys.modules:
         flags = os.environ.get("XLA_FLAGS", "")
-        if _JAX_ONE_THREAD not in flags:
-            os.environ["XLA_FLAGS"] = f"{flags} {_JAX_ONE_THREAD}".strip()
+        extra = []
+        if threads is not None and int(threads) == 1 and _JAX_ONE_THREAD not in flags:
+            extra.append(_JAX_ONE_THREAD)
+        if "--xla_backend_extra_options" not in flags:
+            extra.append(_JAX_SMALL_LOOPS)
+        if extra:
+            os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
     jax = _import("jax", "jax")
     one = _JAX_ONE_THREAD in os.environ.get("XLA_FLAGS", "")
     if threads is None:
@@ -255,12 +273,36 @@ def _import_jax(threads):
     return jax, note
 
 
+def _jax_loops_note() -> str:
+    """Which limit XLA compiles a whole loop under, as ``XLA_FLAGS`` set it (read at jax's import)."""
+    found = re.search(rf"{_JAX_SMALL_LOOP_OPTION}=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    if found:
+        return f"loops whose body touches under {int(found.group(1))} bytes compiled as one kernel (XLA_FLAGS)"
+    return ("XLA's default small-loop limit (XLA_FLAGS had its own --xla_backend_extra_options, or jax was "
+            "imported before fastbp.bench.peers could set it)")
+
+
 _JAX_FUNCTIONS: dict[tuple, dict] = {}  # jitted functions per model / optimizer / form, reused across calls
 _JAX_COMPILE_S: dict[tuple, float] = {}  # compile seconds per (functions, data shapes) already run
 
 
-def _jax_functions(jax, sizes, activation, loss, batch, shuffle, spec: OptimizerSpec, form: str, seed: int):
-    key = (tuple(sizes), activation, loss, batch, shuffle, spec, form, seed)
+def _jax_functions(jax, sizes, activation, loss, batch, shuffle, spec: OptimizerSpec, form: str, seed: int = 0):
+    """The jitted functions of one model / optimizer / form (``seed`` is unused: the shuffles are drawn outside).
+
+    Two things keep them lean, each measured on the 2-8-1 net at batch 1 (XOR data, 4000
+    rows, SGD), where the step itself is ~160 ns and any overhead shows:
+
+    * a layer is ``dot_general(a, W)`` contracting ``W``'s input axis, not ``a @ W.T``: inside
+      the scan (and the jitted step) ``W`` changes every step, and ``.T`` made XLA write out
+      its transpose every step -- for 784-128-10 at batch 1 a 400 kB copy a step (2.4x the
+      time per example), and for the tiny net enough to push the loop over XLA's default
+      small-loop limit (see ``_JAX_SMALL_LOOPS``), ~1000 ns a step instead of ~160;
+    * the epoch's permutation comes in as an argument (drawn by NumPy on the host, as
+      ``MLP.fit`` draws its own; ~50 us for 4000 rows, overlapping the previous epoch's
+      asynchronous run) instead of ``jax.random.permutation`` inside: that is two rounds of
+      XLA's CPU sort, ~3 ms for 4000 rows, ~700 ns per example on the tiny net.
+    """
+    key = (tuple(sizes), activation, loss, batch, shuffle, spec, form)
     if key in _JAX_FUNCTIONS:
         return key, _JAX_FUNCTIONS[key]
     jnp, lax = jax.numpy, jax.lax
@@ -271,8 +313,8 @@ def _jax_functions(jax, sizes, activation, loss, batch, shuffle, spec: Optimizer
 
     def cost(params, xb, yb):
         a = xb
-        for layer in range(n_layers):
-            z = a @ params[2 * layer].T + params[2 * layer + 1]
+        for layer in range(n_layers):  # a @ W.T + b, with no transpose of W written out
+            z = lax.dot_general(a, params[2 * layer], (((1,), (1,)), ((), ()))) + params[2 * layer + 1]
             a = phi(z) if layer < n_layers - 1 else z
         if loss == "cross_entropy":
             return -jnp.sum(yb * jax.nn.log_softmax(a, axis=-1)) / xb.shape[0]
@@ -287,20 +329,19 @@ def _jax_functions(jax, sizes, activation, loss, batch, shuffle, spec: Optimizer
         params, state = opt_update(params, grads, state)
         return params, state, value
 
-    base_key = jax.random.PRNGKey(seed)
-
-    def shuffled(X, Y, epoch):
-        if not shuffle:
+    def shuffled(X, Y, perm):
+        if perm is None:
             return X, Y
-        perm = jax.random.permutation(jax.random.fold_in(base_key, epoch), X.shape[0])
-        return X[perm], Y[perm]
+        # a permutation: in bounds and unique, so no clamping of the indices
+        take = lambda A: A.at[perm].get(mode="promise_in_bounds", unique_indices=True)  # noqa: E731
+        return take(X), take(Y)
 
     fns: dict = {"init": opt_init}
     if form == "scan":
-        def epoch_fn(params, state, X, Y, epoch):
+        def epoch_fn(params, state, X, Y, perm):
             n = X.shape[0]
             n_full, rem = divmod(n, batch)
-            Xe, Ye = shuffled(X, Y, epoch)
+            Xe, Ye = shuffled(X, Y, perm)
             xs = Xe[:n_full * batch].reshape(n_full, batch, X.shape[1])
             ys = Ye[:n_full * batch].reshape(n_full, batch, Y.shape[1])
 
@@ -317,12 +358,14 @@ def _jax_functions(jax, sizes, activation, loss, batch, shuffle, spec: Optimizer
 
         fns["epoch"] = jax.jit(epoch_fn, donate_argnums=(0, 1))
     else:
-        # Each step also adds its summed cost to the epoch's total, on the device: no extra dispatch.
+        # Each step also adds its summed cost to the epoch's total, on the device: no extra dispatch;
+        # and it counts its batches there too (a device scalar in and out dispatches ~15% faster
+        # at batch 1 than a Python int converted every call).
         def step_fn(params, state, total, Xe, Ye, i):
             xb = lax.dynamic_slice_in_dim(Xe, i * batch, batch)
             yb = lax.dynamic_slice_in_dim(Ye, i * batch, batch)
             params, state, v = grad_step(params, state, xb, yb)
-            return params, state, total + v * batch
+            return params, state, total + v * batch, i + 1
 
         def tail_fn(params, state, total, Xe, Ye):
             n_full = Xe.shape[0] // batch
@@ -330,7 +373,7 @@ def _jax_functions(jax, sizes, activation, loss, batch, shuffle, spec: Optimizer
             return params, state, total + v * (Xe.shape[0] - n_full * batch)
 
         fns["shuffle"] = jax.jit(shuffled)
-        fns["step"] = jax.jit(step_fn, donate_argnums=(0, 1, 2))
+        fns["step"] = jax.jit(step_fn, donate_argnums=(0, 1, 2, 5))
         fns["tail"] = jax.jit(tail_fn, donate_argnums=(0, 1, 2))
     _JAX_FUNCTIONS[key] = fns
     return key, fns
@@ -343,9 +386,11 @@ def jax_throughput(sizes, activation, loss, X, Y, batch_size, lr, epochs, dtype=
 
     ``form="jit"``: one jitted training step per batch (forward, gradient, update; the batch
     cut from the epoch's shuffled arrays on the device), called from a Python loop; each
-    epoch's shuffle is one jitted gather. ``form="scan"``: the whole epoch one jitted call, a
-    ``lax.scan`` over the batches (and one more step for a last, smaller batch). Parameters
-    and optimizer state are donated to each call, so XLA updates them in place.
+    epoch's shuffle is one jitted gather. ``form="scan"``: the whole epoch one jitted call, the
+    gather and a ``lax.scan`` over the batches (and one more step for a last, smaller batch).
+    Each epoch's permutation is a fresh ``numpy.random.Generator.permutation`` (seeded by
+    ``seed``), as ``MLP.fit`` shuffles; it is drawn while the previous epoch still runs.
+    Parameters and optimizer state are donated to each call, so XLA updates them in place.
 
     The jitted functions are built once per model, optimizer and form and reused by later
     calls; the first run at a data shape compiles, and is timed apart: ``compile_s`` is that
@@ -360,7 +405,8 @@ def jax_throughput(sizes, activation, loss, X, Y, batch_size, lr, epochs, dtype=
     -------
     dict with ``samples_per_s``, ``seconds``, ``compile_s``, ``compiled_now`` (whether this
     call compiled), ``final_loss``, ``form``, ``epochs``, ``n_samples``, ``batch_size``,
-    ``optimizer``, ``threads_note``, ``device``, ``jax`` (version).
+    ``optimizer``, ``threads_note``, ``loops_note`` (whether XLA compiles the scan whole),
+    ``device``, ``jax`` (version).
     """
     if form not in JAX_FORMS:
         raise ValueError(f"unknown form. Received: form={form!r}. Expected one of {list(JAX_FORMS)}")
@@ -380,18 +426,20 @@ def jax_throughput(sizes, activation, loss, X, Y, batch_size, lr, epochs, dtype=
         flat = [jnp.asarray(a) for pair in init for a in pair]
         return flat, fns["init"](flat)
 
-    def run(params, state, n_epochs, first_epoch=0):
+    def run(params, state, n_epochs, rng):
         """``n_epochs`` epochs; returns the new params, state and each epoch's summed cost (on the device)."""
         losses = []
-        for e in range(first_epoch, first_epoch + n_epochs):
+        for _ in range(n_epochs):
+            # drawn while the previous epoch's dispatched work still runs
+            perm = rng.permutation(n).astype(np.int32) if shuffle else None
             if form == "scan":
-                params, state, total = fns["epoch"](params, state, Xd, Yd, e)
+                params, state, total = fns["epoch"](params, state, Xd, Yd, perm)
                 losses.append(total)
             else:
-                Xe, Ye = fns["shuffle"](Xd, Yd, e)
-                total = jnp.zeros((), X.dtype)
-                for i in range(n_full):
-                    params, state, total = fns["step"](params, state, total, Xe, Ye, i)
+                Xe, Ye = fns["shuffle"](Xd, Yd, perm)
+                total, i = jnp.zeros((), X.dtype), jnp.zeros((), jnp.int32)
+                for _ in range(n_full):
+                    params, state, total, i = fns["step"](params, state, total, Xe, Ye, i)
                 if rem:
                     params, state, total = fns["tail"](params, state, total, Xe, Ye)
                 losses.append(total)
@@ -401,24 +449,27 @@ def jax_throughput(sizes, activation, loss, X, Y, batch_size, lr, epochs, dtype=
     compiled_now = shapes not in _JAX_COMPILE_S
     if compiled_now:  # the first epoch compiles; a second one is the steady reference
         params_, state_ = fresh()
+        rng = np.random.default_rng(seed)
         t0 = time.perf_counter()
-        params_, state_, warm = run(params_, state_, 1)
+        params_, state_, warm = run(params_, state_, 1, rng)
         jax.block_until_ready((params_, warm))
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
-        params_, state_, warm = run(params_, state_, 1, 1)
+        params_, state_, warm = run(params_, state_, 1, rng)
         jax.block_until_ready((params_, warm))
         _JAX_COMPILE_S[shapes] = max(0.0, first - (time.perf_counter() - t0))
     params_, state_ = fresh()
+    rng = np.random.default_rng(seed)
     jax.block_until_ready(params_)
     t0 = time.perf_counter()
-    params_, state_, losses = run(params_, state_, epochs)
+    params_, state_, losses = run(params_, state_, epochs, rng)
     jax.block_until_ready((params_, losses))
     seconds = time.perf_counter() - t0
     result = {"samples_per_s": n * epochs / seconds, "seconds": seconds, "compile_s": _JAX_COMPILE_S[shapes],
               "compiled_now": compiled_now, "final_loss": float(losses[-1]) / n, "form": form, "epochs": epochs,
               "n_samples": n, "batch_size": batch, "dtype": dtype, "optimizer": spec.describe(),
-              "threads_note": threads_note, "device": str(jax.devices()[0]), "jax": jax.__version__}
+              "threads_note": threads_note, "loops_note": _jax_loops_note(), "device": str(jax.devices()[0]),
+              "jax": jax.__version__}
     if return_params:
         host = [np.asarray(a) for a in params_]
         result["params"] = [(host[2 * i], host[2 * i + 1]) for i in range(len(host) // 2)]
