@@ -7,7 +7,8 @@
   training step's shapes measured 1.3-1.6x OpenBLAS's on a 2-core Xeon (Ice Lake), see
   benchmarks/results/gemm-shapes-*.json; on AMD CPUs MKL takes a generic code path, so auto
   keeps OpenBLAS there.
-* ``openblas`` / ``mkl``: that one (``mkl`` not installed is a BackendUnavailableError).
+* ``openblas`` / ``mkl``: that one (``mkl`` not installed is a BackendUnavailableError, and so
+  is any other value: the Numba backend is then unavailable, saying why).
 
 Compiled code calls the symbols ``fastbp_sgemm`` / ``fastbp_dgemm`` (Fortran ``?gemm`` calling
 convention, the one both libraries export); :func:`active` binds them to the chosen
@@ -18,7 +19,8 @@ against one library keeps calling it, so the choice cannot change after the firs
 One library for every GEMM on purpose: NumPy ships its own OpenBLAS, and alternating GEMMs
 between two thread pools ran 2-100x slower (each pool's idle workers spin while the other
 computes). MKL runs on the GNU OpenMP runtime (libgomp, the one Numba and PyTorch use), which
-sleeps after a short spin; where libgomp cannot be loaded it runs sequentially.
+sleeps after a short spin; where libgomp cannot be loaded it runs sequentially. libgomp's pool
+does not survive ``fork()``, so a forked child runs MKL on one thread (``child_thread_cap``).
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class BlasLibrary:
 
 
 _ACTIVE: BlasLibrary | None = None
-_ERROR: Exception | None = None
+_ERROR: BackendUnavailableError | None = None
+_CHILD_CAP: int | None = None
 
 
 def active() -> BlasLibrary:
@@ -60,8 +63,12 @@ def active() -> BlasLibrary:
     if _ACTIVE is None and _ERROR is None:
         try:
             _ACTIVE = _bind(choose(os.environ.get(ENV_VAR)))
-        except (ValueError, BackendUnavailableError) as exc:
+        except BackendUnavailableError as exc:
             _ERROR = exc
+            try:  # the backend refuses to start, but a kernel called directly must not jump to address 0
+                _bind(_openblas("fallback binding while the backend is unavailable"))
+            except BackendUnavailableError:
+                pass
     if _ERROR is not None:
         raise _ERROR
     return _ACTIVE
@@ -72,24 +79,39 @@ def bind_if_possible() -> None:
     kernels module must not fail on ``FASTBP_BLAS``; creating the backend does)."""
     try:
         active()
-    except (ValueError, BackendUnavailableError):
+    except BackendUnavailableError:
         pass
+
+
+def child_thread_cap() -> int | None:
+    """1 in a process forked after MKL's OpenMP pool started (libgomp's pool does not survive a
+    fork: a parallel GEMM there hangs), else None."""
+    return _CHILD_CAP
 
 
 def choose(requested: str | None) -> BlasLibrary:
     """The library ``requested`` names (``FASTBP_BLAS``'s value; None or "" means auto)."""
     want = (requested or "auto").strip().lower() or "auto"
     if want not in CHOICES:
-        raise ValueError(f"unknown BLAS library. Received: {ENV_VAR}={requested!r}. Expected one of {list(CHOICES)}")
+        raise BackendUnavailableError("numba", f"unknown BLAS library. Received: {ENV_VAR}={requested!r}. "
+                                      f"Expected one of {list(CHOICES)}", f"set {ENV_VAR} to one of those or unset it")
     if want == "openblas":
         return _openblas(f"{ENV_VAR}=openblas")
     mkl_path = mkl_library()
     if want == "mkl":
         if mkl_path is None:
+            missing = mkl_missing_parts()
+            if missing:
+                raise BackendUnavailableError("numba", f"{ENV_VAR}=mkl but the mkl install is incomplete "
+                                              f"(no {', '.join(missing)} beside libmkl_rt)",
+                                              "pip install --force-reinstall mkl, or unset " + ENV_VAR)
             raise BackendUnavailableError("numba", f"{ENV_VAR}=mkl but the mkl package is not installed",
                                           "pip install 'fastbp[mkl]' (or pip install mkl), or unset " + ENV_VAR)
         return _mkl(mkl_path, f"{ENV_VAR}=mkl")
     vendor = cpu_vendor()
+    if mkl_path is None and mkl_missing_parts():
+        return _openblas(f"auto: the mkl install is incomplete (no {', '.join(mkl_missing_parts())}); "
+                         "pip install --force-reinstall mkl repairs it")
     if mkl_path is not None and vendor == "GenuineIntel":
         return _mkl(mkl_path, "auto: mkl is installed and this is an Intel CPU")
     if mkl_path is None:
@@ -98,20 +120,37 @@ def choose(requested: str | None) -> BlasLibrary:
                      f"(MKL takes a generic path there; {ENV_VAR}=mkl forces it)")
 
 
-def mkl_library() -> str | None:
-    """Path of ``libmkl_rt`` from the installed ``mkl`` wheel, or None."""
+# What libmkl_rt loads at its first call; without them MKL exits the process ("Cannot load").
+_MKL_PARTS = ("libmkl_core.so", "libmkl_gnu_thread.so", "libmkl_sequential.so", "libmkl_def.so")
+
+
+def _mkl_files() -> tuple[str | None, list[str]]:
+    """(libmkl_rt's path or None, the companion libraries the installed ``mkl`` wheel lacks)."""
     from importlib import metadata
 
     try:
         dist = metadata.distribution("mkl")
     except metadata.PackageNotFoundError:
-        return None
-    names = sorted((str(f) for f in dist.files or () if os.path.basename(str(f)).startswith("libmkl_rt.so")), key=len)
-    for name in names:
-        path = os.path.realpath(dist.locate_file(name))
-        if os.path.exists(path):
-            return path
-    return None
+        return None, []
+    present = {}
+    for f in dist.files or ():
+        base = os.path.basename(str(f))
+        path = os.path.realpath(dist.locate_file(f))
+        if ".so" in base and os.path.exists(path):
+            present.setdefault(base.split(".so")[0] + ".so", path)
+    rt = present.get("libmkl_rt.so")
+    missing = [part for part in _MKL_PARTS if part not in present]
+    return (rt if rt and not missing else None), (missing if rt else [])
+
+
+def mkl_library() -> str | None:
+    """Path of ``libmkl_rt`` from a complete install of the ``mkl`` wheel, or None."""
+    return _mkl_files()[0]
+
+
+def mkl_missing_parts() -> list[str]:
+    """The libraries an installed but incomplete ``mkl`` wheel lacks (empty: complete or absent)."""
+    return _mkl_files()[1]
 
 
 def cpu_vendor() -> str | None:
@@ -133,11 +172,8 @@ def _openblas(reason: str) -> BlasLibrary:
         raise BackendUnavailableError("numba", "scipy is not installed (the OpenBLAS GEMMs come from SciPy)",
                                       "pip install scipy") from None
     addresses = {k: _capsule_address(cython_blas.__pyx_capi__[k]) for k in ("sgemm", "dgemm")}
-
-    path = os.path.join(os.path.dirname(scipy.__file__) + ".libs")
-    libs = [f for f in os.listdir(path) if "openblas" in f] if os.path.isdir(path) else []
-    return BlasLibrary("openblas", os.path.join(path, libs[0]) if libs else "SciPy's BLAS", reason,
-                       "OpenBLAS's own pthreads", addresses["sgemm"], addresses["dgemm"])
+    path = _library_file(addresses["sgemm"]) or f"SciPy {scipy.__version__}'s BLAS"
+    return BlasLibrary("openblas", path, reason, "OpenBLAS's own pthreads", addresses["sgemm"], addresses["dgemm"])
 
 
 def _mkl(path: str, reason: str) -> BlasLibrary:
@@ -146,15 +182,49 @@ def _mkl(path: str, reason: str) -> BlasLibrary:
     except OSError as exc:
         raise BackendUnavailableError("numba", f"MKL could not be loaded from {path}: {exc}",
                                       f"reinstall it (pip install --force-reinstall mkl) or set {ENV_VAR}=openblas") from None
-    if os.environ.get("MKL_THREADING_LAYER"):  # the user's choice, read by MKL itself
-        threading = f"MKL_THREADING_LAYER={os.environ['MKL_THREADING_LAYER']}"
+    lib.MKL_Set_Interface_Layer.argtypes = [ctypes.c_int]
+    lib.MKL_Set_Interface_Layer(0)  # LP64: the 32-bit integers numba_kernels.gemm passes, whatever MKL_INTERFACE_LAYER says
+    lib.MKL_Set_Threading_Layer.argtypes = [ctypes.c_int]
+    user_layer = os.environ.get("MKL_THREADING_LAYER", "").strip()
+    if user_layer:  # the user's choice, read by MKL itself
+        threading = f"MKL_THREADING_LAYER={user_layer}" + (" (GNU OpenMP)" if user_layer.upper() == "GNU" else "")
     else:
-        layer = "gnu" if _loadable("libgomp.so.1") else "sequential"
-        lib.MKL_Set_Threading_Layer.argtypes = [ctypes.c_int]
-        lib.MKL_Set_Threading_Layer(_MKL_LAYERS[layer])
-        threading = "GNU OpenMP (libgomp)" if layer == "gnu" else "sequential (libgomp not loadable)"
-    return BlasLibrary("mkl", path, reason, threading,
-                       ctypes.cast(lib.sgemm_, ctypes.c_void_p).value, ctypes.cast(lib.dgemm_, ctypes.c_void_p).value)
+        want = "gnu" if _loadable("libgomp.so.1") else "sequential"
+        got = lib.MKL_Set_Threading_Layer(_MKL_LAYERS[want])
+        threading = {0: "Intel OpenMP", 1: "sequential", 3: "GNU OpenMP (libgomp)", 4: "TBB"}.get(got, f"layer {got}")
+        if want == "sequential":
+            threading += " (libgomp not loadable)"
+    if "GNU OpenMP" in threading:
+        os.register_at_fork(after_in_child=_fork_child_single_thread(lib))
+    sgemm, dgemm = ctypes.cast(lib.sgemm_, ctypes.c_void_p).value, ctypes.cast(lib.dgemm_, ctypes.c_void_p).value
+    return BlasLibrary("mkl", _library_file(sgemm) or path, reason, threading, sgemm, dgemm)
+
+
+def _fork_child_single_thread(lib):
+    def after_fork_in_child() -> None:
+        global _CHILD_CAP
+        _CHILD_CAP = 1
+        lib.MKL_Set_Num_Threads(1)
+
+    return after_fork_in_child
+
+
+def _library_file(address: int) -> str | None:
+    """The real path of the shared library holding ``address`` (dladdr), or None."""
+
+    class DlInfo(ctypes.Structure):
+        _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                    ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+    try:
+        dladdr = ctypes.CDLL(None).dladdr
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return None
+    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(DlInfo)]
+    info = DlInfo()
+    if not dladdr(ctypes.c_void_p(address), ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return os.path.realpath(info.dli_fname.decode())
 
 
 def _bind(lib: BlasLibrary) -> BlasLibrary:

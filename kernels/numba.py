@@ -124,6 +124,13 @@ def _row_major_operand(m: np.ndarray, transposed: bool):
 _GEMM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def _product_shape(a_shape, trans_a, b_shape, trans_b):
+    """Shape of ``op(a) @ op(b)``, or None where the inner dimensions differ."""
+    m, k = (a_shape[1], a_shape[0]) if trans_a else a_shape
+    k2, n = (b_shape[1], b_shape[0]) if trans_b else b_shape
+    return (m, n) if k == k2 else None
+
+
 class _ThreadPolicy:
     """How many threads the BLAS library (every GEMM of this backend) runs, decided per call.
 
@@ -134,8 +141,8 @@ class _ThreadPolicy:
     holds. Measured on the 2-core reference machine with one other CPU-bound process:
     784-256-10 at batch 64 ran 3-10k samples/s on two BLAS threads against ~95k on one (and
     141k on two when the machine was quiet). A thread count set from outside -- threadpoolctl's
-    ``threadpool_limits`` around a fit, or ``OPENBLAS_NUM_THREADS`` -- is a ceiling the
-    automatic choice stays under.
+    ``threadpool_limits`` around a fit, ``OPENBLAS_NUM_THREADS``, or ``MKL_NUM_THREADS`` /
+    ``OMP_NUM_THREADS`` for MKL -- is a ceiling the automatic choice stays under.
     """
 
     WINDOW_S = 0.2
@@ -159,6 +166,10 @@ class _ThreadPolicy:
         # Between our calls the BLAS holds what its owner set (we restore after each call):
         # OpenBLAS's default (all cores), OPENBLAS_NUM_THREADS, or a threadpool_limits around us.
         self.ceiling = self.blas.get_num_threads()
+        cap = _blas.child_thread_cap()
+        if cap is not None:  # a forked child of an MKL/libgomp parent
+            self.chosen, self.reason = cap, "forked child: MKL's OpenMP pool does not survive fork(), so 1 thread"
+            return cap
         if self.fixed is not None:
             self.chosen, self.reason = self.fixed, f"fixed by set_threads({self.fixed})"
             return self.fixed
@@ -401,7 +412,8 @@ class NumbaBackend(Backend):
         y = _row_major_operand(b, trans_b) if isinstance(b, np.ndarray) and b.ndim == 2 else None
         if (x is None or y is None or out.ndim != 2 or out.size == 0 or out.dtype not in _GEMM_DTYPES
                 or a.dtype != out.dtype or b.dtype != out.dtype or not out.flags.c_contiguous
-                or (a.shape[0] if trans_a else a.shape[1]) == 0):
+                or _product_shape(a.shape, trans_a, b.shape, trans_b) != out.shape
+                or (a.shape[0] if trans_a else a.shape[1]) == 0):  # the reference raises on a mismatch
             self._ref.matmul(a, b, out, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta)
             return
         T = out.dtype.type
@@ -459,7 +471,8 @@ class NumbaBackend(Backend):
     def hidden_delta(self, name, delta_next, w_next, z, a, out):
         """``out = phi'(z) (.) (delta_next @ w_next)``: one BLAS GEMM and one fused pass, one call."""
         code = _act_code(name)
-        if not (_c(delta_next, w_next, z, a, out) and out.ndim == 2 and delta_next.ndim == 2
+        if not (_c(delta_next, w_next, z, a, out) and out.ndim == 2 and delta_next.ndim == 2 and w_next.ndim == 2
+                and delta_next.shape == (out.shape[0], w_next.shape[0]) and w_next.shape[1] == out.shape[1]
                 and z.shape == a.shape == out.shape and _same_dtype(delta_next, w_next, z, a, out)
                 and out.dtype in _GEMM_DTYPES and delta_next.shape[1] > 0):
             super().hidden_delta(name, delta_next, w_next, z, a, out)
@@ -695,16 +708,13 @@ def _loss_code(name) -> int:
 
 
 def _blas_controller(library):
-    """threadpoolctl's controller of the BLAS library our GEMMs call (kernels/blas.py), or None."""
+    """threadpoolctl's controller of the BLAS library our GEMMs call (the file kernels/blas.py
+    bound, matched by real path), or None."""
     try:
         from threadpoolctl import ThreadpoolController
 
         for lib in ThreadpoolController().lib_controllers:
-            if lib.user_api != "blas":
-                continue
-            path = lib.filepath or ""
-            if (library.name == "mkl" and lib.internal_api == "mkl") or (
-                    library.name == "openblas" and "scipy.libs" in path):
+            if lib.user_api == "blas" and lib.filepath and os.path.realpath(lib.filepath) == library.path:
                 return lib
     except Exception:  # pragma: no cover - threadpoolctl missing or a BLAS it cannot drive
         pass
@@ -714,12 +724,9 @@ def _blas_controller(library):
 def _blas_threads(blas: list, library) -> int | None:
     """Threads of the BLAS that runs our GEMMs, as threadpoolctl sees it."""
     for lib in blas:
-        path = lib.get("filepath") or ""
-        if library.name == "mkl" and lib.get("internal_api") == "mkl":
+        if lib.get("filepath") and os.path.realpath(lib["filepath"]) == library.path:
             return lib.get("num_threads")
-        if library.name == "openblas" and ("scipy.libs" in path or ("scipy_openblas" in path and "openblas64_" not in path)):
-            return lib.get("num_threads")
-    return blas[0].get("num_threads") if blas else None
+    return None
 
 
 def _host_cpu_name() -> str:

@@ -155,7 +155,7 @@ def _exp_nonpositive(x):
         return lambda x: np.exp(x)
 
     def exp_f32(x):
-        xc = _EXP_F32_MIN if x < _EXP_F32_MIN else x  # NaN passes through
+        xc = min(x, _F32(0.0)) if x >= _EXP_F32_MIN else _EXP_F32_MIN  # NaN -> MIN: k stays an integer
         k = np.floor(xc * _F32(1.44269504088896341) + _F32(0.5))
         r = xc - k * _F32(0.693359375) - k * _F32(-2.12194440e-4)
         p = _F32(1.9875691500e-4)
@@ -166,7 +166,8 @@ def _exp_nonpositive(x):
         p = p * r + _F32(5.0000001201e-1)
         p = p * r * r + r + _F32(1.0)
         e = p * _float32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
-        return _F32(0.0) if x < _EXP_F32_MIN else e
+        e = _F32(0.0) if x < _EXP_F32_MIN else e
+        return x if x != x else e  # NaN in, NaN out
 
     return exp_f32
 

@@ -779,3 +779,17 @@ def test_float32_exp_polynomial_is_within_one_ulp_and_keeps_the_edges():
     x64, out64 = -np.linspace(0, 700, 1001), np.empty(1001)
     run(x64, out64)
     np.testing.assert_allclose(out64, np.exp(x64), rtol=4e-16, atol=0)  # libm vs NumPy's SIMD exp: <= 1 ulp
+
+
+@pytest.mark.parametrize("a_shape,b_shape,out_shape", [((2, 3), (4, 5), (2, 5)), ((2, 3), (3, 5), (3, 5)),
+                                                       ((3, 2), (3, 5), (2, 5))])
+def test_matmul_and_hidden_delta_refuse_mismatched_shapes(a_shape, b_shape, out_shape):
+    """A BLAS call trusts its dimensions: mismatched ones must go to the reference, which raises,
+    never read or write past an array."""
+    a, b, out = np.ones(a_shape), np.ones(b_shape), np.zeros(out_shape)
+    with pytest.raises(ValueError):
+        NB.matmul(a, b, out)
+    assert not out.any()
+    z = np.zeros(out_shape)
+    with pytest.raises(ValueError):
+        NB.hidden_delta("relu", a, b, z, z, out)
