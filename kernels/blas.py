@@ -3,10 +3,10 @@
 ``FASTBP_BLAS`` (read once per process, when the Numba backend is first created):
 
 * ``auto`` (the default): MKL where the ``mkl`` package is installed (``pip install
-  'fastbp[mkl]'``) and the CPU is an Intel one, else SciPy's OpenBLAS. MKL's GEMMs at a
-  training step's shapes measured 1.3-1.6x OpenBLAS's on a 2-core Xeon (Ice Lake), see
-  benchmarks/results/gemm-shapes-*.json; on AMD CPUs MKL takes a generic code path, so auto
-  keeps OpenBLAS there.
+  'fastbp[mkl]'``) and the CPU is an Intel one, else SciPy's OpenBLAS. On a 2-core Xeon (Ice
+  Lake) a mini-batch step's GEMMs ran 1.1-1.55x faster on MKL, tiny ones (64-64-10 at batch
+  32) ~10% slower (benchmarks/results/gemm-shapes-20261202T014805Z.json); on AMD CPUs MKL takes
+  a generic code path, so auto keeps OpenBLAS there.
 * ``openblas`` / ``mkl``: that one (``mkl`` not installed is a BackendUnavailableError, and so
   is any other value: the Numba backend is then unavailable, saying why).
 
