@@ -533,9 +533,26 @@ def _update_range(c, P, G, S, lo, hi, l2):
     kind, mom = c[0], c[2]
     zero = type(l2)(0.0)
     lo, hi = _U(lo), _U(hi)
+    plain = c[4] == 0 and l2 == 0  # no weight decay, no l2: the two common rules get loops with no branch
     if kind == SGD and mom == 0:  # no state to read or write
         for i in range(lo, hi):
             P[i], _, _ = _rule_step(c, P[i], G[i], zero, zero, l2)
+    elif kind == SGD and plain and not c[3]:  # momentum: _rule_step's arithmetic, in its order
+        M, lr = S[0], c[1]
+        for i in range(lo, hi):
+            m = M[i] * mom + G[i]
+            M[i] = m
+            P[i] = P[i] - m * lr
+    elif kind == ADAM and plain:
+        M, V = S[0], S[1]
+        b1, ob1, b2, ob2, eps, step_size, inv_bc2 = c[6], c[7], c[8], c[9], c[10], c[11], c[12]
+        for i in range(lo, hi):
+            g = G[i]
+            m = M[i] * b1 + g * ob1
+            v = V[i] * b2 + (g * g) * ob2
+            M[i] = m
+            V[i] = v
+            P[i] = P[i] - (m / (np.sqrt(v) * inv_bc2 + eps)) * step_size
     elif kind == SGD:
         M = S[0]
         for i in range(lo, hi):
