@@ -34,22 +34,15 @@ WORKLOADS = {  # name: (sizes, batch), as benchmarks/peers_cpu.py
 
 _CHILD = """
 import json, sys
-from fastbp.bench.timing import gemm_at_shapes
+import fastbp as fb
+from fastbp.bench.timing import gemm_at_shapes, measure_matmul_peak
 from fastbp.kernels import blas
-import numpy as np, time
-from fastbp.kernels import numba_kernels as K
 lib = blas.active()
 out = {"library": lib.describe(), "workloads": {}}
 for name, (sizes, batch) in json.loads(sys.argv[1]).items():
     out["workloads"][name] = gemm_at_shapes(sizes, batch, "float32")
-n = 4096
-a, b = (np.random.default_rng(0).random((n, n), dtype=np.float32) for _ in range(2))
-c = np.empty((n, n), np.float32)
-K.gemm_loop(False, False, a, b, c, 1)  # warm: compile or load, start the pool
-times = []
-for _ in range(3):
-    t0 = time.perf_counter(); K.gemm_loop(False, False, a, b, c, 1); times.append(time.perf_counter() - t0)
-out["sgemm_4096_gflops"] = 2 * n ** 3 / min(times) / 1e9
+peak = measure_matmul_peak("float32", 4096, backend=fb.backend._create("numba"), repeat=3)
+out["sgemm_4096_gflops"] = peak["gflops_best"]
 print(json.dumps(out))
 """
 

@@ -93,16 +93,10 @@ def optimizer(name: str):
 
 def gemm_products(sizes, n: int) -> list[dict]:
     """Each matrix product of one step alone, timed as compiled code calls it."""
-    from fastbp.kernels import numba_kernels as K
+    from fastbp.bench.timing import _compiled_products
 
-    def nt(a, w, z, reps):  # forward: Z = A W^T
-        K.gemm_loop(False, True, a, w, z, reps)
-
-    def tn(d, a, g, reps):  # weight gradient: G = D^T A
-        K.gemm_loop(True, False, d, a, g, reps)
-
-    def nn(d, w, p, reps):  # input gradient: P = D W
-        K.gemm_loop(False, False, d, w, p, reps)
+    compiled = _compiled_products()
+    nt, tn, nn = compiled["forward"], compiled["weight_gradient"], compiled["input_gradient"]
 
     rng = np.random.default_rng(0)
     out = []

@@ -109,8 +109,9 @@ def choose(requested: str | None) -> BlasLibrary:
                                           "pip install 'fastbp[mkl]' (or pip install mkl), or unset " + ENV_VAR)
         return _mkl(mkl_path, f"{ENV_VAR}=mkl")
     vendor = cpu_vendor()
-    if mkl_path is None and mkl_missing_parts():
-        return _openblas(f"auto: the mkl install is incomplete (no {', '.join(mkl_missing_parts())}); "
+    missing = mkl_missing_parts() if mkl_path is None else []
+    if missing:
+        return _openblas(f"auto: the mkl install is incomplete (no {', '.join(missing)}); "
                          "pip install --force-reinstall mkl repairs it")
     if mkl_path is not None and vendor == "GenuineIntel":
         return _mkl(mkl_path, "auto: mkl is installed and this is an Intel CPU")

@@ -390,7 +390,7 @@ class NumbaBackend(Backend):
             "scipy": scipy.__version__,
             "numba_threads": 1,  # every compiled kernel runs on the calling thread
             "numba_threading_layer": "unused (no parallel kernels)",
-            "blas_threads": _blas_threads(blas, self.blas_library),
+            "blas_threads": self._blas.get_num_threads() if self._blas is not None else None,
             "blas_threads_policy": self._threads.describe(),
             "blas": blas,
             "blas_used": self.blas_library.describe(),
@@ -718,14 +718,6 @@ def _blas_controller(library):
                 return lib
     except Exception:  # pragma: no cover - threadpoolctl missing or a BLAS it cannot drive
         pass
-    return None
-
-
-def _blas_threads(blas: list, library) -> int | None:
-    """Threads of the BLAS that runs our GEMMs, as threadpoolctl sees it."""
-    for lib in blas:
-        if lib.get("filepath") and os.path.realpath(lib["filepath"]) == library.path:
-            return lib.get("num_threads")
     return None
 
 
