@@ -173,7 +173,7 @@ def _openblas(reason: str) -> BlasLibrary:
         raise BackendUnavailableError("numba", "scipy is not installed (the OpenBLAS GEMMs come from SciPy)",
                                       "pip install scipy") from None
     addresses = {k: _capsule_address(cython_blas.__pyx_capi__[k]) for k in ("sgemm", "dgemm")}
-    path = _library_file(addresses["sgemm"]) or f"SciPy {scipy.__version__}'s BLAS"
+    path = _blas_behind(_library_file(addresses["sgemm"])) or f"SciPy {scipy.__version__}'s BLAS"
     return BlasLibrary("openblas", path, reason, "OpenBLAS's own pthreads", addresses["sgemm"], addresses["dgemm"])
 
 
@@ -226,6 +226,25 @@ def _library_file(address: int) -> str | None:
     if not dladdr(ctypes.c_void_p(address), ctypes.byref(info)) or not info.dli_fname:
         return None
     return os.path.realpath(info.dli_fname.decode())
+
+
+def _blas_behind(wrapper: str | None) -> str | None:
+    """The BLAS file behind SciPy's ``cython_blas`` (whose capsules point at its own thin
+    wrappers, not into OpenBLAS): where the Fortran ``sgemm`` that module links to lives
+    (dlsym on a library's handle searches its dependencies too). ``wrapper`` itself where it
+    exports no such symbol."""
+    if wrapper is None:
+        return None
+    try:
+        lib = ctypes.CDLL(wrapper)
+    except OSError:  # pragma: no cover - it is loaded already, so it loads
+        return wrapper
+    for name in ("scipy_sgemm_", "sgemm_", "scipy_sgemm64_", "sgemm64_"):
+        try:
+            return _library_file(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value) or wrapper
+        except AttributeError:
+            continue
+    return wrapper
 
 
 def _bind(lib: BlasLibrary) -> BlasLibrary:
