@@ -137,6 +137,7 @@ def profile(name: str, rules, reps: int, fixed) -> dict:
     fit_t = {rn: [] for rn in rules}
     epoch_t = {rn: [] for rn in rules}
     others = []
+    order = np.random.default_rng(0).permutation(n)  # a shuffled epoch's row order, as fit passes it
     for _ in range(reps):
         start = _cpu_sample()
         for rn in rules:
@@ -147,7 +148,7 @@ def profile(name: str, rules, reps: int, fixed) -> dict:
             if compiled:
                 params, state = states[rn]
                 t = time.perf_counter()
-                be.train_epoch(spec, params, net._grads, X, Y, b, RULES[rn], state, "vectorized")
+                be.train_epoch(spec, params, net._grads, X, Y, b, RULES[rn], state, "vectorized", order=order)
                 epoch_t[rn].append(time.perf_counter() - t)
         others.append(_others(start, _cpu_sample()))
     rec["others_cores_per_repeat"] = others

@@ -265,13 +265,11 @@ class _Trainer:
                                            batch=self.batch, backend=self.be, n=self.n,
                                            share=comm and (comm.rank, comm.size))
         self.count = net.spec.loss != "mse"  # accuracy for classification losses
+        self._shuffled = None  # (X, Y) copies in an epoch's order, for the batch-by-batch path
 
     def run(self) -> History:
         net, be, opt = self.net, self.be, self.opt
         dtype = net.dtype
-        Xs, Ys = self.X, self.Y
-        if self.shuffle and self.stream is None:
-            Xs, Ys = be.empty(self.X.shape, dtype), be.empty(self.Y.shape, dtype)
         snapshot = be.empty(net._params.shape, dtype)
         state_snapshot = be.empty(opt.state.buffers.shape, dtype)
         history = History()
@@ -300,11 +298,8 @@ class _Trainer:
                         loss_sum, n_done, correct = data.train_epoch(net, self.stream, order, rule, opt.state,
                                                                      self.strategy, self.count, self.comm)
                     else:
-                        if self.shuffle:
-                            index = be.index_array(self.rng.permutation(self.n))
-                            be.take_rows(self.X, index, Xs)
-                            be.take_rows(self.Y, index, Ys)
-                        loss_sum, n_done, correct = self._epoch(Xs, Ys, rule)
+                        order = be.index_array(self.rng.permutation(self.n)) if self.shuffle else None
+                        loss_sum, n_done, correct = self._epoch(order, rule)
                     epoch_loss = float(loss_sum) / max(n_done, 1)
                     if n_done < self.n or not math.isfinite(epoch_loss) or not be.all_finite(net._params):
                         net._params[...] = snapshot
@@ -344,11 +339,21 @@ class _Trainer:
                 history.best_epoch = hook.best_epoch
         return history
 
-    def _epoch(self, Xs, Ys, rule):
-        """One epoch: the backend's whole-epoch fast path when it has one for this, else batch by batch."""
+    def _epoch(self, order, rule):
+        """One epoch over the rows in ``order`` (None: as they are): the backend's whole-epoch
+        fast path when it has one for this (it reads the rows in that order in place), else
+        batch by batch over a shuffled copy."""
         be, spec, net, st = self.be, self.spec, self.net, self.opt.state
         if be.has_compiled_epoch and be.supports_epoch(spec, self.batch, self.strategy, rule):
-            return be.train_epoch(spec, net._params, net._grads, Xs, Ys, self.batch, rule, st, self.strategy)
+            return be.train_epoch(spec, net._params, net._grads, self.X, self.Y, self.batch, rule, st, self.strategy,
+                                  order=order)
+        Xs, Ys = self.X, self.Y
+        if order is not None:
+            if self._shuffled is None:  # made on first use, kept for the fit's later epochs
+                self._shuffled = be.empty(self.X.shape, net.dtype), be.empty(self.Y.shape, net.dtype)
+            Xs, Ys = self._shuffled
+            be.take_rows(self.X, order, Xs)
+            be.take_rows(self.Y, order, Ys)
         check_each = not be.is_gpu  # reading a GPU loss back every batch would stall the stream
         total, correct = 0.0, 0
         for start in range(0, self.n, self.batch):

@@ -288,9 +288,11 @@ class Backend:
         return False
 
     def train_epoch(self, spec: NetSpec, params, grads, X, Y, batch_size, rule: UpdateRule,
-                    state: OptimizerState, strategy):
-        """A whole epoch of mini-batch training over ``X, Y`` (already shuffled), in order,
-        each batch's gradient applied by ``rule`` exactly as :meth:`update` would.
+                    state: OptimizerState, strategy, order=None):
+        """A whole epoch of mini-batch training over the rows of ``X, Y`` in ``order`` (a
+        permutation from :meth:`index_array`; None: in their own order), each batch's gradient
+        applied by ``rule`` exactly as :meth:`update` would -- the same as running it over
+        ``X[order], Y[order]``.
 
         Returns ``(loss_sum, n_done, n_correct)``: the summed pre-update cost of the batches
         run, how many examples they covered, and how many of them the pre-update outputs

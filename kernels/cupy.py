@@ -1086,8 +1086,9 @@ class CupyBackend(Backend):
                 and spec.loss in LOSSES and isinstance(rule, UpdateRule) and rule.kind in UPDATE_RULES)
 
     def train_epoch(self, spec: NetSpec, params, grads, X, Y, batch_size, rule: UpdateRule,
-                    state: OptimizerState, strategy):
-        """One epoch over ``X, Y`` in order, one graph replay per batch (see Backend.train_epoch).
+                    state: OptimizerState, strategy, order=None):
+        """One epoch over the rows of ``X, Y`` in ``order`` (gathered on the device first; None:
+        as they are), one graph replay per batch (see Backend.train_epoch).
 
         Returns ``(loss_sum, n_done, n_correct)`` as Python numbers: the one device-to-host read
         of the epoch. ``state.step`` advances by the batches applied.
@@ -1101,6 +1102,15 @@ class CupyBackend(Backend):
         n = int(X.shape[0])
         if n == 0:
             return 0.0, 0, 0
+        if order is not None:  # the shuffled copy the graphs read (from the memory pool, each epoch)
+            order = cp.asarray(order)  # fit passes index_array's; a host array is copied over
+            if tuple(order.shape) != (n,) or order.dtype.kind not in "iu":
+                raise ValueError(f"order must list the {n} rows to visit (integers in [0, {n})). Received: "
+                                 f"shape {tuple(order.shape)}, dtype {order.dtype}")
+            shuffled = self.empty(X.shape, dtype), self.empty(Y.shape, dtype)
+            self.take_rows(X, order, shuffled[0])
+            self.take_rows(Y, order, shuffled[1])
+            X, Y = shuffled
         size = n if batch_size is None else max(1, min(int(batch_size), n))
         full, tail = divmod(n, size)
         ctx = self._ctx()

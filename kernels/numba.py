@@ -31,7 +31,12 @@ What runs where
   compiled code, products below ``FORWARD_BLAS_MIN`` / ``BACKWARD_BLAS_MIN`` multiply-adds
   are hand loops (a BLAS call costs more than the arithmetic there); larger ones call BLAS.
   Plain SGD is fused into the weight-gradient GEMM (``W += -lr D^T A``, BLAS beta = 1,
-  through ``numba_kernels.gemm``): no gradient buffer written, no update pass after it.
+  through ``numba_kernels.gemm``): no gradient buffer written, no update pass after it; so is
+  momentum without weight decay, l2 or Nesterov (``M = mom M + D^T A``, beta = mom, then
+  ``W -= lr M``).
+  The epochs read the rows in the fit's shuffled order in place (``order``): per example
+  straight from ``X``, per batch gathered into a buffer that stays in cache, so no shuffled
+  copy of the data set is made each epoch.
 * The compiled epochs and the update run with denormals flushed to zero (x86 FTZ/DAZ, set on
   entry and restored on exit): moments of weights whose gradient stays zero sink into the
   denormal range and stay there, and each operation on one is a microcode assist (784-128-10
@@ -577,15 +582,20 @@ class NumbaBackend(Backend):
             return True
         return batch_size * spec.n_params <= self.EPOCH_MAX_WORK
 
-    def train_epoch(self, spec: NetSpec, params, grads, X, Y, batch_size, rule, state, strategy):
-        """One epoch over ``X, Y`` (already shuffled) in one compiled call, each batch's
-        gradient applied by ``rule`` (fused into the per-example pass at batch size 1).
+    def train_epoch(self, spec: NetSpec, params, grads, X, Y, batch_size, rule, state, strategy, order=None):
+        """One epoch over ``X, Y`` in one compiled call, each batch's gradient applied by
+        ``rule`` (fused into the per-example pass at batch size 1). ``order``: the rows in the
+        order to visit them (a permutation), read in place rather than copied shuffled first.
 
         Returns ``(loss_sum, n_done, n_correct)``; stops before the update of the first batch
         whose cost is not finite, so ``n_done < n`` says where.
         """
         self._check_fast_path(spec, params, grads, X, Y)
         self._check_update(spec, rule, params, grads, state)
+        order = _visit_order(order, X.shape[0])
+        if not (X.flags.writeable and Y.flags.writeable):  # kernels are typed for writable arrays (a read-only
+            X, Y = (X[order], Y[order]) if order.size else (X.copy(), Y.copy())  # one: another compile), so copy
+            order = _IN_ORDER
         sizes, hidden, output, loss = self._spec(spec)
         n = X.shape[0]
         batch_size = max(1, min(int(batch_size), n))
@@ -597,12 +607,12 @@ class NumbaBackend(Backend):
             # 5.8 against 7.0 us an example; Adam 24.6 against 26.8)
             small = self._small_kernel(spec)
             name = ("small_epoch" if small else "shallow_epoch") if self._is_small(spec) else "examples_epoch"
-            total, done, correct = self._run(name, dt, sizes, hidden, output, loss, params, X, Y, hp, step, buffers,
-                                             work, fn=small)
+            total, done, correct = self._run(name, dt, sizes, hidden, output, loss, params, X, Y, order, hp, step,
+                                             buffers, work, fn=small)
         elif strategy == "loop":
             work = self._workspace(spec, 0, dt)
             total, done, correct = self._run("loop_epoch", dt, sizes, hidden, output, loss, params, grads, X, Y,
-                                             batch_size, hp, step, buffers, work)
+                                             order, batch_size, hp, step, buffers, work)
         else:
             work = self._workspace(spec, batch_size, dt)
             if batch_size <= self.HAND_MAX_ROWS:  # a few rows: every product a hand loop
@@ -616,7 +626,7 @@ class NumbaBackend(Backend):
             previous = self._threads.run_with(threads)
             try:
                 total, done, correct = self._run("batch_epoch", dt, sizes, hidden, output, loss, params, grads, X,
-                                                 Y, batch_size, hp, step, buffers, work, plan)
+                                                 Y, order, batch_size, hp, step, buffers, work, plan)
             finally:
                 self._threads.restore(previous)
         return float(total), int(done), int(correct)
@@ -678,6 +688,22 @@ class NumbaBackend(Backend):
 
 
 # ---------------------------------------------------------------- helpers
+
+
+_IN_ORDER = np.empty(0, np.int64)  # the compiled epochs' "no order given": rows as they are
+
+
+def _visit_order(order, n: int) -> np.ndarray:
+    """``order`` as the compiled epochs take it (int64, C-contiguous); every entry must be a
+    row of ``X``, since the kernels index without bounds checks."""
+    if order is None:
+        return _IN_ORDER
+    order = np.ascontiguousarray(order)
+    if order.ndim != 1 or order.dtype.kind not in "iu" or order.size != n or (n and (order.min() < 0
+                                                                                     or order.max() >= n)):
+        raise ValueError(f"order must list the {n} rows to visit (integers in [0, {n})). Received: "
+                         f"shape {order.shape}, dtype {order.dtype}")
+    return order.astype(np.int64, copy=False)
 
 
 def _c(*arrays) -> bool:
@@ -775,8 +801,8 @@ def _say(message: str) -> None:
 
 _SMALL_SOURCE = '''"""Generated by fastbp.kernels.numba: shallow_epoch for one network, {sizes} with codes
 hidden={hidden} output={output} loss={loss}, as compile-time constants. Safe to delete.
-numba_kernels.py sha256 {digest} (Numba's cache does not see changes to inlined code, so the
-file name and text carry it: an edited numba_kernels.py means a new file)."""
+sha256 of numba_kernels.py and this template {digest} (Numba's cache does not see changes to
+inlined code, so the file name and text carry it: an edit to either means a new file)."""
 from numba import njit
 
 from fastbp.kernels.numba_kernels import _DOT_MATH, shallow_body
@@ -785,8 +811,8 @@ N_IN, N_HIDDEN, N_OUT, HIDDEN, OUTPUT, LOSS = {n_in}, {n_hidden}, {n_out}, {hidd
 
 
 @njit(cache=True, error_model="numpy", fastmath=_DOT_MATH)
-def epoch(sizes, hidden, output, loss, P, X, Y, hp, step, S, work):
-    return shallow_body(N_IN, N_HIDDEN, N_OUT, HIDDEN, OUTPUT, LOSS, P, X, Y, hp, step, S, work)
+def epoch(sizes, hidden, output, loss, P, X, Y, order, hp, step, S, work):
+    return shallow_body(N_IN, N_HIDDEN, N_OUT, HIDDEN, OUTPUT, LOSS, P, X, Y, order, hp, step, S, work)
 '''
 
 
@@ -818,9 +844,9 @@ def _load_small_kernel(sizes, hidden: int, output: int, loss: int):
     import importlib.util
 
     try:
-        if _DIGEST is None:
+        if _DIGEST is None:  # the kernels and the template: a change to either means a new module
             with open(_K.__file__, "rb") as f:
-                _DIGEST = hashlib.sha256(f.read()).hexdigest()
+                _DIGEST = hashlib.sha256(f.read() + _SMALL_SOURCE.encode()).hexdigest()
         folder = _generated_dir()
         if folder is None:
             return None

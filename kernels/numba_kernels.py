@@ -529,6 +529,16 @@ def _rule_step(c, p, g, m, v, l2):
 
 
 @njit(cache=True, error_model="numpy")
+def heavy_ball(P, G, M, lo, hi, mom, lr):
+    """Momentum without decay over ``[lo, hi)``: ``m = m mom + g``, ``p = p - m lr`` (_rule_step's
+    arithmetic in its order, as a branch-free loop that vectorizes)."""
+    for i in range(_U(lo), _U(hi)):
+        m = M[i] * mom + G[i]
+        M[i] = m
+        P[i] = P[i] - m * lr
+
+
+@njit(cache=True, error_model="numpy")
 def _update_range(c, P, G, S, lo, hi, l2):
     kind, mom = c[0], c[2]
     zero = type(l2)(0.0)
@@ -538,11 +548,7 @@ def _update_range(c, P, G, S, lo, hi, l2):
         for i in range(lo, hi):
             P[i], _, _ = _rule_step(c, P[i], G[i], zero, zero, l2)
     elif kind == SGD and plain and not c[3]:  # momentum: _rule_step's arithmetic, in its order
-        M, lr = S[0], c[1]
-        for i in range(lo, hi):
-            m = M[i] * mom + G[i]
-            M[i] = m
-            P[i] = P[i] - m * lr
+        heavy_ball(P, G, S[0], lo, hi, mom, c[1])
     elif kind == ADAM and plain:
         M, V = S[0], S[1]
         b1, ob1, b2, ob2, eps, step_size, inv_bc2 = c[6], c[7], c[8], c[9], c[10], c[11], c[12]
@@ -787,8 +793,9 @@ def _row_correct(loss, a, lo, Y, row):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _examples_epoch(sizes, hidden, output, loss, params, X, Y, hp, step, state, work):
-    """A whole epoch of per-example training (batch size 1) in one call.
+def _examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, state, work):
+    """A whole epoch of per-example training (batch size 1) in one call, over the rows of
+    ``X, Y`` in ``order`` (in place of a shuffled copy; empty: in their own order).
 
     Per example: forward, output delta, then from the top layer down: the delta of the layer
     below (with this layer's weights before their update), then this layer's update, applied
@@ -807,13 +814,15 @@ def _examples_epoch(sizes, hidden, output, loss, params, X, Y, hp, step, state, 
     total = 0.0
     correct = 0
     L = n_layers - 1
+    shuffled = order.size > 0
     for s in range(X.shape[0]):
-        _example_forward(sizes, hidden, params, w_off, b_off, u_off, X, s, zs, acts)
-        cost = output_layer(loss, output, zs, acts, ds, u_off[n_layers], Y, s, one)
+        row = order[s] if shuffled else s
+        _example_forward(sizes, hidden, params, w_off, b_off, u_off, X, row, zs, acts)
+        cost = output_layer(loss, output, zs, acts, ds, u_off[n_layers], Y, row, one)
         if not np.isfinite(cost):
             return total, s, correct
         total += cost
-        correct += _row_correct(loss, acts, u_off[n_layers], Y, s)
+        correct += _row_correct(loss, acts, u_off[n_layers], Y, row)
         step[0] += 1
         c = rule_scalars(hp, step[0], one)
         for l in range(L, -1, -1):
@@ -829,10 +838,10 @@ def _examples_epoch(sizes, hidden, output, loss, params, X, Y, hp, step, state, 
 
 
 @njit(cache=True, error_model="numpy")
-def examples_epoch(sizes, hidden, output, loss, params, X, Y, hp, step, state, work):
+def examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, state, work):
     """``_examples_epoch`` with denormals flushed (``flush_denormals``)."""
     old = flush_denormals()
-    out = _examples_epoch(sizes, hidden, output, loss, params, X, Y, hp, step, state, work)
+    out = _examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, state, work)
     restore_denormals(old)
     return out
 
@@ -869,16 +878,16 @@ FLAT_MAX = 4096
 
 
 @njit(cache=True, error_model="numpy", fastmath=_DOT_MATH)
-def shallow_epoch(sizes, hidden, output, loss, P, X, Y, hp, step, S, work):
+def shallow_epoch(sizes, hidden, output, loss, P, X, Y, order, hp, step, S, work):
     """``examples_epoch`` for one hidden layer, in one function: per example the hidden units'
     dot product, bias and activation in one loop, the output layer, the hidden deltas and the
     two layers' updates, with no per-layer calls between them (what made a 2-8-1 step cost
     hundreds of ns instead of tens). Same results as ``examples_epoch``."""
-    return shallow_body(sizes[0], sizes[1], sizes[2], hidden, output, loss, P, X, Y, hp, step, S, work)
+    return shallow_body(sizes[0], sizes[1], sizes[2], hidden, output, loss, P, X, Y, order, hp, step, S, work)
 
 
 @njit(cache=True, error_model="numpy", fastmath=_DOT_MATH, inline="always")
-def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, hp, step, S, work):
+def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step, S, work):
     """``shallow_epoch``'s loop, inlined where it is called: with the sizes and codes as
     compile-time constants (``small_kernel_source``) LLVM unrolls a small net's loops."""
     n_in, H, n_out = _U(n_in), _U(H), _U(n_out)
@@ -904,8 +913,10 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, hp, step, S, wo
     G = np.empty(np.int64(n_params) if flat else np.int64(0), P.dtype)
     total = 0.0
     correct = 0
+    shuffled = order.size > 0
     for s in range(X.shape[0]):
-        xo = _U(s) * n_in
+        row = order[s] if shuffled else s
+        xo = _U(row) * n_in
         for j in range(H):
             base = w1 + j * n_in
             acc = zero
@@ -920,11 +931,11 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, hp, step, S, wo
             for j in range(H):
                 acc += P[base + j] * acts[h0 + j]
             zs[o0 + o] = acc + P[b2 + o]
-        cost = output_layer(loss, output, zs, acts, ds, np.int64(o0), Y, s, one)
+        cost = output_layer(loss, output, zs, acts, ds, np.int64(o0), Y, row, one)
         if not np.isfinite(cost):
             return total, s, correct
         total += cost
-        correct += _row_correct(loss, acts, np.int64(o0), Y, s)
+        correct += _row_correct(loss, acts, np.int64(o0), Y, row)
         step[0] += 1
         b1_t *= hp[HP_BETA1]
         b2_t *= hp[HP_BETA2]
@@ -978,23 +989,49 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, hp, step, S, wo
 
 
 @njit(cache=True, error_model="numpy", fastmath=_DOT_MATH, inline="always")
-def shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, hp, step, S, work):
+def shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step, S, work):
     """``_shallow_body`` with denormals flushed (``flush_denormals``); inlined where it is called."""
     old = flush_denormals()
-    out = _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, hp, step, S, work)
+    out = _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step, S, work)
     restore_denormals(old)
     return out
 
 
+@njit(cache=True, error_model="numpy")
+def _batch_buffers(X, Y, order, batch_size):
+    """Room for one batch's gathered rows of ``X`` and ``Y`` (none when ``order`` is empty)."""
+    rows = min(batch_size, X.shape[0]) if order.size > 0 else 0
+    return np.empty((rows, X.shape[1]), X.dtype), np.empty((rows, Y.shape[1]), Y.dtype)
+
+
+@njit(cache=True, error_model="numpy")
+def _gather_rows(X, Y, order, start, stop, Xg, Yg):
+    """Rows ``order[start:stop]`` of ``X`` and ``Y`` into the first rows of ``Xg``, ``Yg``
+    (element loops: 2.4x faster than row-slice assignment here)."""
+    for r in range(stop - start):
+        i = order[start + r]
+        for k in range(X.shape[1]):
+            Xg[r, k] = X[i, k]
+        for k in range(Y.shape[1]):
+            Yg[r, k] = Y[i, k]
+
+
 @njit(cache=True, error_model="numpy", inline="always")
-def _loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size, hp, step, state, work):
-    """A whole epoch of mini-batch training whose gradients come from the per-example loop."""
+def _loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_size, hp, step, state, work):
+    """A whole epoch of mini-batch training whose gradients come from the per-example loop,
+    over the rows in ``order`` (empty: in their own order)."""
     n = X.shape[0]
     total = 0.0
     correct = 0
+    shuffled = order.size > 0
+    Xg, Yg = _batch_buffers(X, Y, order, batch_size)
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        cost, right = loop_batch(sizes, hidden, output, loss, params, X, Y, grads, work, start, stop)
+        if shuffled:
+            _gather_rows(X, Y, order, start, stop, Xg, Yg)
+            cost, right = loop_batch(sizes, hidden, output, loss, params, Xg, Yg, grads, work, 0, stop - start)
+        else:
+            cost, right = loop_batch(sizes, hidden, output, loss, params, X, Y, grads, work, start, stop)
         if not np.isfinite(cost):
             return total, start, correct
         total += cost
@@ -1004,10 +1041,10 @@ def _loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size, hp
 
 
 @njit(cache=True, error_model="numpy")
-def loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size, hp, step, state, work):
+def loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_size, hp, step, state, work):
     """``_loop_epoch`` with denormals flushed (``flush_denormals``)."""
     old = flush_denormals()
-    out = _loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size, hp, step, state, work)
+    out = _loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_size, hp, step, state, work)
     restore_denormals(old)
     return out
 
@@ -1185,11 +1222,41 @@ def batch_forward(sizes, hidden, output, loss, params, Xb, Yb, work, plan, w_off
 
 
 @njit(cache=True, error_model="numpy")
-def batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, bases, neg_lr):
+def _momentum_step(D, A, P, G, M, wo, bo, plan, mom, lr):
+    """One layer's momentum step with the weight gradient formed in the GEMM that updates the
+    velocity, ``M_W = mom M_W + D^T A`` (beta = mom: no gradient buffer written and read back
+    for W), then ``p = p - m lr`` over W and b. Same arithmetic as ``heavy_ball`` where the
+    GEMM sums each entry in one pass (OpenBLAS scales C by beta first, then adds the product).
+    Products small enough for hand loops go the unfused way. BLAS worker threads may run
+    without this thread's denormal flushing, so the pass after reads each velocity as
+    ``m + 0`` here (flushed: a denormal m becomes 0, as FTZ makes it in ``heavy_ball``)."""
+    n, n_out = D.shape
+    n_in = A.shape[1]
+    hi = bo + n_out
+    if n * n_in * n_out < plan[BACKWARD_MIN]:
+        _weight_step(D, A, G, wo, bo, G[wo:bo].reshape((n_out, n_in)), plan, type(lr)(0.0))
+        heavy_ball(P, G, M, wo, hi, mom, lr)
+        return
+    gemm(True, False, type(lr)(1.0), D, A, mom, M[wo:bo].reshape((n_out, n_in)))
+    bias_grad(D, G[bo:hi], type(lr)(1.0), np.bool_(False))
+    for j in range(_U(bo), _U(hi)):
+        M[j] = M[j] * mom + G[j]
+    zero = type(lr)(0.0)
+    for i in range(_U(wo), _U(hi)):
+        m = M[i] + zero
+        M[i] = m
+        P[i] = P[i] - m * lr
+
+
+@njit(cache=True, error_model="numpy")
+def batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, bases, neg_lr, mom, M):
     """After ``batch_forward``: per layer from the top, ``D_prev = phi'(Z) (.) (D W)`` (with W
-    before its update), then ``dW = D^T A``, ``db = sum D`` into ``grads`` -- or, for plain SGD
-    (``neg_lr = -lr``, else 0), the step itself into ``params`` (``_weight_step``)."""
+    before its update), then ``dW = D^T A``, ``db = sum D`` into ``grads`` -- or the step
+    itself, for plain SGD (``neg_lr = -lr``, else 0) into ``params`` (``_weight_step``), for
+    momentum without weight decay, l2 or Nesterov (``mom`` != 0, ``M`` its velocity) through
+    ``_momentum_step``."""
     n = Xb.shape[0]
+    lr = -neg_lr
     for l in range(sizes.size - 2, -1, -1):
         D = _view(work, bases, sizes, n, 2, l)
         a_prev = Xb if l == 0 else _view(work, bases, sizes, n, 1, l - 1)
@@ -1198,6 +1265,9 @@ def batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, b
             D_prev = _view(work, bases, sizes, n, 2, l - 1)
             _input_delta(D, params, w_off[l], W, D_prev, plan)
             activation_backward(hidden, _view(work, bases, sizes, n, 0, l - 1), a_prev, D_prev)
+        if mom != 0:
+            _momentum_step(D, a_prev, params, grads, M, w_off[l], b_off[l], plan, mom, lr)
+            continue
         target = params if neg_lr != 0 else grads
         _weight_step(D, a_prev, target, w_off[l], b_off[l], target[w_off[l]:b_off[l]].reshape(W.shape), plan, neg_lr)
 
@@ -1206,28 +1276,43 @@ def batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, b
 def batch_gradients(sizes, hidden, output, loss, params, grads, Xb, Yb, work, plan, w_off, b_off, bases):
     """Gradients of the mean cost over the batch ``Xb`` into ``grads``; returns the summed cost."""
     total = batch_forward(sizes, hidden, output, loss, params, Xb, Yb, work, plan, w_off, b_off, bases)
-    batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, bases, type(params[0])(0.0))
+    zero = type(params[0])(0.0)
+    batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, bases, zero, zero, params[:0])
     return total
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size, hp, step, state, work, plan):
-    """A whole epoch of mini-batch training in the matrix form, in one call. Plain SGD is fused
-    into the weight-gradient GEMMs (``batch_backward``); any other rule gets the gradients and
-    then ``apply_update``."""
+def _batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_size, hp, step, state, work, plan):
+    """A whole epoch of mini-batch training in the matrix form, in one call, over the rows in
+    ``order`` (each batch gathered into a buffer that stays in cache; empty: in their own
+    order). Plain SGD and momentum without weight decay, l2 or Nesterov are fused into the
+    weight-gradient GEMMs (``batch_backward``); any other rule gets the gradients and then
+    ``apply_update``."""
     n = X.shape[0]
     w_off, b_off, u_off = layer_offsets(sizes)
     bases = _view_bases(work, sizes, u_off)
     L = sizes.size - 2
     k = sizes[L + 1]
     one = type(params[0])(1.0)
-    plain = int(hp[HP_KIND]) == SGD and hp[HP_MOMENTUM] == 0 and hp[HP_WEIGHT_DECAY] == 0 and hp[HP_L2] == 0
-    neg_lr = -one * type(one)(hp[HP_LR]) if plain else one - one
+    # plain SGD and momentum without decay are fused into the backward pass (batch_backward)
+    undecayed = int(hp[HP_KIND]) == SGD and hp[HP_WEIGHT_DECAY] == 0 and hp[HP_L2] == 0
+    plain = undecayed and hp[HP_MOMENTUM] == 0
+    heavy = undecayed and hp[HP_MOMENTUM] != 0 and hp[HP_NESTEROV] == 0
+    zero = one - one
+    neg_lr = -one * type(one)(hp[HP_LR]) if plain or heavy else zero
+    mom = type(one)(hp[HP_MOMENTUM]) if heavy else zero
+    M = state[0] if heavy else params[:0]
     total = 0.0
     correct = 0
+    shuffled = order.size > 0
+    Xg, Yg = _batch_buffers(X, Y, order, batch_size)
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        Xb, Yb = X[start:stop], Y[start:stop]
+        if shuffled:
+            _gather_rows(X, Y, order, start, stop, Xg, Yg)
+            Xb, Yb = Xg[:stop - start], Yg[:stop - start]
+        else:
+            Xb, Yb = X[start:stop], Y[start:stop]
         cost = batch_forward(sizes, hidden, output, loss, params, Xb, Yb, work, plan, w_off, b_off, bases)
         if not np.isfinite(cost):
             return total, start, correct
@@ -1235,9 +1320,9 @@ def _batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size, h
         if loss != MSE:
             A = _view(work, bases, sizes, stop - start, 1, L).reshape((stop - start) * k)
             for r in range(stop - start):
-                correct += _row_correct(loss, A, r * k, Y, start + r)
-        batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, bases, neg_lr)
-        if plain:
+                correct += _row_correct(loss, A, r * k, Yb, r)
+        batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, bases, neg_lr, mom, M)
+        if plain or heavy:
             step[0] += 1
         else:
             _apply_update(hp, step, sizes, params, grads, state, stop - start)
@@ -1245,9 +1330,10 @@ def _batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size, h
 
 
 @njit(cache=True, error_model="numpy")
-def batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size, hp, step, state, work, plan):
+def batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_size, hp, step, state, work, plan):
     """``_batch_epoch`` with denormals flushed (``flush_denormals``)."""
     old = flush_denormals()
-    out = _batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, batch_size, hp, step, state, work, plan)
+    out = _batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_size, hp, step, state, work,
+                       plan)
     restore_denormals(old)
     return out

@@ -458,16 +458,67 @@ def test_shallow_epoch_equals_the_layer_by_layer_epoch(hidden, loss, output, rul
     X, Y = _data(17, [5, 9, 3], loss, seed=5)
     sizes, h, o, lc = NB._spec(net.spec)
     results = []
+    order = np.random.default_rng(6).permutation(17)
     for run in (K.shallow_epoch, K.examples_epoch):
         params, state = net._params.copy(), _state(rule, net.spec)
         state.step[0] = 3  # mid-trajectory: the bias corrections start from step 3
         work = np.empty(3 * sum(net.spec.sizes))
-        total, done, correct = run(sizes, h, o, lc, params, X, Y, rule.hyper(), state.step, state.buffers, work)
+        total, done, correct = run(sizes, h, o, lc, params, X, Y, order, rule.hyper(), state.step, state.buffers,
+                                   work)
         results.append((params, state.buffers, total, done, correct, state.steps))
     (p1, s1, t1, d1, c1, n1), (p2, s2, t2, d2, c2, n2) = results
     np.testing.assert_allclose(p1, p2, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(s1, s2, rtol=1e-12, atol=1e-14)
     assert (d1, c1, n1) == (d2, c2, n2) == (17, c2, 20) and t1 == pytest.approx(t2, rel=1e-12)
+
+
+@pytest.mark.parametrize("rule", [RULE_CASES[0], RULE_CASES[2]], ids=lambda r: r.kind)
+@pytest.mark.parametrize("sizes,batch,strategy", [([3, 5, 2], 1, "vectorized"), ([4, 6, 5, 3], 1, "vectorized"),
+                                                  ([4, 6, 5, 3], 3, "loop"), ([4, 6, 5, 3], 4, "vectorized"),
+                                                  ([4, 6, 5, 3], 30, "vectorized")])
+def test_an_epoch_in_a_given_order_is_the_epoch_over_the_rows_in_that_order(sizes, batch, strategy, rule):
+    """train_epoch(order=perm) reads the rows in place; bit for bit the epoch over X[perm]."""
+    net = _net("numba", sizes, "tanh", "cross_entropy", None, "float64", seed=15)
+    X, Y = _data(23, sizes, "cross_entropy", seed=16)
+    order = np.random.default_rng(17).permutation(23)
+    runs = []
+    for kwargs, Xe, Ye in (({"order": order}, X, Y), ({}, X[order], Y[order])):
+        params, grads, state = net._params.copy(), np.empty_like(net._params), _state(rule, net.spec)
+        out = NB.train_epoch(net.spec, params, grads, Xe, Ye, batch, rule, state, strategy, **kwargs)
+        runs.append((params, state.buffers, out, state.steps))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    assert runs[0][2:] == runs[1][2:]
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_a_read_only_data_set_trains_as_a_writable_one(shuffle):
+    """fit hands X and Y to the compiled epochs as they are; read-only ones (a memmap's view,
+    scikit-learn's checks) train exactly like writable copies."""
+    X, Y = _data(40, [4, 6, 3], "cross_entropy", seed=20)
+    runs = []
+    for writable in (True, False):
+        Xi, Yi = X.copy(), Y.copy()
+        Xi.flags.writeable = Yi.flags.writeable = writable
+        net = _net("numba", [4, 6, 3], "relu", "cross_entropy", None, "float64", seed=21)
+        for batch in (1, 8):
+            net.fit(Xi, Yi, epochs=2, batch_size=batch, shuffle=shuffle, seed=22, progress=False,
+                    optimizer=fb.optim.SGD(lr=0.1, momentum=0.9))
+        runs.append(net._params.copy())
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("order", [np.arange(5), np.arange(23) + 1, -np.arange(23), np.zeros((23, 1), np.int64),
+                                   np.linspace(0, 1, 23)], ids=["short", "past-the-end", "negative", "2-d", "floats"])
+def test_an_order_that_is_not_rows_of_x_is_refused_and_changes_nothing(order):
+    net = _net("numba", [4, 6, 3], "relu", "cross_entropy", None, "float64", seed=18)
+    X, Y = _data(23, [4, 6, 3], "cross_entropy", seed=19)
+    rule = UpdateRule("sgd", lr=0.1)
+    params, state = net._params.copy(), _state(rule, net.spec)
+    with pytest.raises(ValueError, match="order must list the 23 rows"):
+        NB.train_epoch(net.spec, params, np.empty_like(params), X, Y, 4, rule, state, "vectorized", order=order)
+    np.testing.assert_array_equal(params, net._params)
+    assert state.steps == 0
 
 
 @pytest.mark.parametrize("rule", RULE_CASES[1:4], ids=lambda r: r.kind)
@@ -502,31 +553,43 @@ def test_gemm_with_alpha_and_beta(trans_a, trans_b, dtype):
     np.testing.assert_allclose(C, expected, **GEMM[dtype])
 
 
-@pytest.mark.parametrize("plan", [(0, 0), (2**62, 2**62)], ids=["blas", "hand"])
-def test_plain_sgd_fused_into_the_weight_gradient_step(plan):
-    """batch_epoch's fused plain SGD (``W += -lr D^T A`` in the GEMM) against gradients then update."""
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["sgd", "momentum"])
+@pytest.mark.parametrize("plan", [(0, 0), (2**62, 2**62), (0, 150)], ids=["blas", "hand", "mixed"])
+def test_sgd_and_momentum_fused_into_the_weight_gradient_step(plan, momentum, dtype):
+    """batch_epoch's fused steps -- plain SGD as ``W += -lr D^T A`` in the GEMM, momentum as
+    ``M = mom M + D^T A`` in it -- against gradients then the update rule's arithmetic (to
+    rounding: a BLAS may fuse its alpha/beta terms into FMAs)."""
     from fastbp.kernels import numba_kernels as K
 
-    spec = NetSpec((6, 8, 7, 3), "relu", "softmax", "cross_entropy", np.dtype("float64"))
+    spec = NetSpec((6, 8, 7, 3), "relu", "softmax", "cross_entropy", np.dtype(dtype))
     rng = np.random.default_rng(10)
-    params0 = rng.standard_normal(spec.n_params) * 0.3
-    X, Y = rng.standard_normal((20, 6)), np.eye(3)[rng.integers(0, 3, 20)]
+    params0 = (rng.standard_normal(spec.n_params) * 0.3).astype(dtype)
+    X, Y = rng.standard_normal((20, 6)).astype(dtype), np.eye(3, dtype=dtype)[rng.integers(0, 3, 20)]
     sizes, h, o, lc = NB._spec(spec)
     plan = np.array(plan, np.int64)
-    rule = UpdateRule("sgd", lr=0.1)
-    work = np.empty(3 * 8 * sum(spec.sizes[1:]))
-    fused, grads, step = params0.copy(), np.empty(spec.n_params), np.zeros(1, np.int64)
-    total, done, _ = K.batch_epoch(sizes, h, o, lc, fused, grads, X, Y, 8, rule.hyper(), step,
-                                   np.zeros((0, spec.n_params)), work, plan)
-    expected, expected_total = params0.copy(), 0.0
+    rule = UpdateRule("sgd", lr=0.1, momentum=momentum)
+    work = np.empty(3 * 8 * sum(spec.sizes[1:]), dtype)
+    velocity0 = (rng.standard_normal((rule.n_buffers, spec.n_params)) * 0.1).astype(dtype)
+    fused, grads, step, velocity = params0.copy(), np.empty(spec.n_params, dtype), np.zeros(1, np.int64), velocity0.copy()
+    total, done, _ = K.batch_epoch(sizes, h, o, lc, fused, grads, X, Y, np.empty(0, np.int64), 8, rule.hyper(), step,
+                                   velocity, work, plan)
+    expected, expected_total, m = params0.copy(), 0.0, velocity0.copy()
     w_off, b_off, u_off = K.layer_offsets(sizes)
     bases = K._view_bases(work, sizes, u_off)
+    T = np.dtype(dtype).type
     for start in range(0, 20, 8):
         expected_total += K.batch_gradients(sizes, h, o, lc, expected, grads, X[start:start + 8], Y[start:start + 8],
                                             work, plan, w_off, b_off, bases)
-        expected -= 0.1 * grads
-    np.testing.assert_allclose(fused, expected, rtol=1e-12, atol=1e-14)
-    assert done == 20 and step[0] == 3 and total == pytest.approx(expected_total, rel=1e-12)
+        if momentum:
+            m[0] = m[0] * T(momentum) + grads
+            expected -= m[0] * T(0.1)
+        else:
+            expected -= grads * T(0.1)
+    tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == "float64" else {"rtol": 2e-6, "atol": 1e-7}
+    np.testing.assert_allclose(fused, expected, **tol)
+    np.testing.assert_allclose(velocity, m, **tol)
+    assert done == 20 and step[0] == 3 and total == pytest.approx(expected_total, rel=10 * tol["rtol"])
 
 
 # ---------------------------------------------------------------- BLAS threads
@@ -672,9 +735,10 @@ def test_the_kernel_compiled_for_a_small_net_equals_shallow_epoch(hidden, loss, 
     X, Y = _data(11, [3, 5, 2], loss, seed=13)
     sizes, h, o, lc = NB._spec(net.spec)
     results = []
+    order = np.random.default_rng(14).permutation(11)
     for run in (small, K.shallow_epoch):
         params, state = net._params.copy(), _state(rule, net.spec)
-        out = run(sizes, h, o, lc, params, X, Y, rule.hyper(), state.step, state.buffers,
+        out = run(sizes, h, o, lc, params, X, Y, order, rule.hyper(), state.step, state.buffers,
                   np.empty(3 * sum(net.spec.sizes)))
         results.append((params, state.buffers, out))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-12, atol=1e-14)
@@ -707,7 +771,7 @@ def test_the_generated_module_names_the_kernels_it_inlines(tmp_path, monkeypatch
     epoch = module._load_small_kernel((2, 3, 1), 0, 0, 1)
     (path,) = tmp_path.glob("fastbp_small_2_3_1_0_0_1_*.py")
     with open(module._K.__file__, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+        digest = hashlib.sha256(f.read() + module._SMALL_SOURCE.encode()).hexdigest()  # kernels and template
     assert digest[:16] in path.name and digest in path.read_text() and callable(epoch)
 
 

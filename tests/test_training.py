@@ -99,15 +99,15 @@ def test_steady_state_steps_allocate_no_arrays(dtype, optimizer):
         net.optimizer = opt
         opt._bind(net)
         trainer = _Trainer(net, opt, Xd, Yd, None, 1, batch, False, "vectorized", False, None, None, [])
-        trainer.n = 2 * batch
-        trainer._epoch(Xd[:2 * batch], Yd[:2 * batch], opt.rule())  # warm-up
-        trainer.n = len(X)
+        trainer.X, trainer.Y, trainer.n = Xd[:2 * batch], Yd[:2 * batch], 2 * batch
+        trainer._epoch(None, opt.rule())  # warm-up
+        trainer.X, trainer.Y, trainer.n = Xd, Yd, len(X)
         smallest_array = batch * 128 * np.dtype(dtype).itemsize
         tracemalloc.start()
         try:
             before, _ = tracemalloc.get_traced_memory()
             tracemalloc.reset_peak()
-            _, n_done, _ = trainer._epoch(Xd, Yd, opt.rule())
+            _, n_done, _ = trainer._epoch(None, opt.rule())
             after, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
