@@ -79,7 +79,11 @@ cold on the 2-core reference machine (one other busy process): a per-example fit
 mini-batch fit ~10-12 s, everything for one dtype (warmup) ~23-30 s; with the cache, a new
 process goes from start to its first fit in ~0.2-0.3 s. Numba's front end is ~60% of a cold
 compile (NUMBA_OPT=0 still took ~18 of ~28 s), so what shortens it is fewer
-specialisations: call sites pass one argument type per parameter (see numba_kernels.py).
+specialisations: call sites pass one argument type per parameter (see numba_kernels.py) --
+and a second core: a cold mini-batch epoch starts a helper process that compiles its backward
+half and the update into the disk cache while this process compiles the forward half, and
+loads them from there when it gets to them (``numba_compile.py``; ``FASTBP_COMPILE_HELPER=0``
+turns it off).
 Editing ``numba_kernels.py`` invalidates its cache.
 """
 
@@ -95,6 +99,7 @@ import numpy as np
 
 from fastbp.errors import BackendUnavailableError
 
+from . import numba_compile
 from .base import ACT_CODE, LOSS_CODE, Backend, NetSpec, OptimizerState, UpdateRule
 
 try:  # only this backend's modules import numba
@@ -298,6 +303,7 @@ class NumbaBackend(Backend):
         self._seen: set = set()  # (entry, dtype) this process has already called
         self._small: dict = {}  # (sizes, hidden, output, loss) -> generated kernel or None
         self._quiet = False  # warmup announces itself once instead of entry by entry
+        self._helper = None  # a numba_compile process working on the entry being compiled
 
     def _compiling(self, name: str, args, dtype, disp=None):
         """Before a compiled entry's first call in this process: when the disk cache does not
@@ -306,6 +312,9 @@ class NumbaBackend(Backend):
         self._seen.add((name, dtype.char))
         what, seconds = _ENTRY.get(name, _BASIC)
         disp = getattr(_K, name, None) if disp is None else disp
+        if name in _HELPED:  # cold: a second process compiles part of it meanwhile (numba_compile.py)
+            if _cached_on_disk(disp, args) is False:
+                self._helper = numba_compile.start(_HELPED[name], dtype.name)
         if self._quiet or ("basic", dtype.char) in self._seen and name not in _ENTRY:
             return None  # warmup says it once; the layer kernels get one line per dtype
         cached = _cached_on_disk(disp, args) if disp is not None else True
@@ -334,6 +343,11 @@ class NumbaBackend(Backend):
         finally:
             if timer is not None:
                 timer.cancel()
+            if self._helper is not None:  # compiled now: what the helper has not finished is of no use
+                helper, self._helper = self._helper, None
+                if helper.poll() is None:
+                    helper.kill()
+                helper.wait()
 
     def _is_small(self, spec: NetSpec) -> bool:
         return spec.n_layers == 2 and spec.n_params <= self.SMALL_NET_MAX_PARAMS
@@ -769,6 +783,7 @@ _ENTRY = {
     "apply_update": ("the optimizer update", 2),
     "small_epoch": ("per-example training of this small network (compiled for its sizes)", "10-12"),
 }
+_HELPED = {"batch_epoch": "batch"}  # entry points a helper process compiles part of (numba_compile.PARTS)
 WARMUP_S = "23-28"  # everything for one dtype, the same way
 _BASIC = ("the shuffle, check and layer kernels", 1)  # each, on its first use
 ANNOUNCE_AFTER_S = 1.0  # where the cache cannot be read: say it once a call has taken this long

@@ -508,34 +508,52 @@ def rule_scalars_at(hp, b1_t, b2_t, one):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _momentum_step_of(p, m, g, mom, lr):
+    """Heavy-ball momentum for one parameter: the new ``(p, m)``."""
+    m = m * mom + g
+    return p - m * lr, m
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _adam_step_of(p, m, v, g, b1, ob1, b2, ob2, eps, step_size, inv_bc2):
+    """Adam for one parameter (bias corrections folded into ``step_size`` and ``inv_bc2``):
+    the new ``(p, m, v)``."""
+    m = m * b1 + g * ob1
+    v = v * b2 + (g * g) * ob2
+    return p - (m / (np.sqrt(v) * inv_bc2 + eps)) * step_size, m, v
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _rule_step(c, p, g, m, v, l2):
     """One parameter's step: returns the new ``(p, m, v)`` from its gradient ``g`` (same
-    operation order as kernels/numpy.py's update, so the two round alike)."""
+    operation order as kernels/numpy.py's update, so the two round alike). The loops for the
+    common undecayed rules call ``_momentum_step_of`` / ``_adam_step_of`` directly: without
+    this function's branches they vectorize."""
     kind, lr, mom, nesterov, decay, shrink, b1, ob1, b2, ob2, eps, step_size, inv_bc2 = c
     if decay != 0:
         g = g + p * decay
     if l2 != 0:
         g = g + p * l2
     if kind == SGD:
-        if mom != 0:
+        if mom != 0 and nesterov:
             m = m * mom + g
-            g = g + m * mom if nesterov else m
+            return p - (g + m * mom) * lr, m, v
+        if mom != 0:
+            p, m = _momentum_step_of(p, m, g, mom, lr)
+            return p, m, v
         return p - g * lr, m, v
     if kind == ADAMW:
         p = p * shrink
-    m = m * b1 + g * ob1
-    v = v * b2 + (g * g) * ob2
-    return p - (m / (np.sqrt(v) * inv_bc2 + eps)) * step_size, m, v
+    p, m, v = _adam_step_of(p, m, v, g, b1, ob1, b2, ob2, eps, step_size, inv_bc2)
+    return p, m, v
 
 
 @njit(cache=True, error_model="numpy")
 def heavy_ball(P, G, M, lo, hi, mom, lr):
-    """Momentum without decay over ``[lo, hi)``: ``m = m mom + g``, ``p = p - m lr`` (_rule_step's
-    arithmetic in its order, as a branch-free loop that vectorizes)."""
+    """Momentum without decay over ``[lo, hi)`` (``_momentum_step_of``, as a branch-free loop
+    that vectorizes)."""
     for i in range(_U(lo), _U(hi)):
-        m = M[i] * mom + G[i]
-        M[i] = m
-        P[i] = P[i] - m * lr
+        P[i], M[i] = _momentum_step_of(P[i], M[i], G[i], mom, lr)
 
 
 @njit(cache=True, error_model="numpy")
@@ -553,12 +571,7 @@ def _update_range(c, P, G, S, lo, hi, l2):
         M, V = S[0], S[1]
         b1, ob1, b2, ob2, eps, step_size, inv_bc2 = c[6], c[7], c[8], c[9], c[10], c[11], c[12]
         for i in range(lo, hi):
-            g = G[i]
-            m = M[i] * b1 + g * ob1
-            v = V[i] * b2 + (g * g) * ob2
-            M[i] = m
-            V[i] = v
-            P[i] = P[i] - (m / (np.sqrt(v) * inv_bc2 + eps)) * step_size
+            P[i], M[i], V[i] = _adam_step_of(P[i], M[i], V[i], G[i], b1, ob1, b2, ob2, eps, step_size, inv_bc2)
     elif kind == SGD:
         M = S[0]
         for i in range(lo, hi):
@@ -698,6 +711,29 @@ def rank1_step(c, P, S, wo, bo, n_out, n_in, d, do, x, xo, l2):
     wo, bo, do, xo, n_out, n_in = _U(wo), _U(bo), _U(do), _U(xo), _U(n_out), _U(n_in)
     zero = type(l2)(0.0)
     kind, mom = c[0], c[2]
+    plain = c[4] == 0 and l2 == 0  # no weight decay, no l2: momentum and Adam get loops with no branch
+    if kind == SGD and mom != 0 and plain and not c[3]:  # as in _update_range
+        M, lr = S[0], c[1]
+        for r in range(n_out):
+            dr = d[do + r]
+            base = wo + r * n_in
+            for k in range(n_in):
+                P[base + k], M[base + k] = _momentum_step_of(P[base + k], M[base + k], dr * x[xo + k], mom, lr)
+            P[bo + r], M[bo + r] = _momentum_step_of(P[bo + r], M[bo + r], dr, mom, lr)
+        return
+    if kind == ADAM and plain:
+        M, V = S[0], S[1]
+        b1, ob1, b2, ob2, eps, step_size, inv_bc2 = c[6], c[7], c[8], c[9], c[10], c[11], c[12]
+        for r in range(n_out):
+            dr = d[do + r]
+            base = wo + r * n_in
+            for k in range(n_in):
+                i = base + k
+                P[i], M[i], V[i] = _adam_step_of(P[i], M[i], V[i], dr * x[xo + k], b1, ob1, b2, ob2, eps, step_size,
+                                                 inv_bc2)
+            i = bo + r
+            P[i], M[i], V[i] = _adam_step_of(P[i], M[i], V[i], dr, b1, ob1, b2, ob2, eps, step_size, inv_bc2)
+        return
     for r in range(n_out):
         dr = d[do + r]
         base = wo + r * n_in

@@ -857,3 +857,26 @@ def test_matmul_and_hidden_delta_refuse_mismatched_shapes(a_shape, b_shape, out_
     z = np.zeros(out_shape)
     with pytest.raises(ValueError):
         NB.hidden_delta("relu", a, b, z, z, out)
+
+
+def test_a_helper_process_compiles_the_backward_half_of_a_cold_batch_epoch_into_the_cache(tmp_path):
+    """numba_compile's signatures are the ones the epoch looks up: after the helper ran, a cold
+    process's first mini-batch fit loads batch_backward and _apply_update instead of compiling."""
+    import os
+    import subprocess
+    import sys
+
+    from fastbp.kernels import numba_compile
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), FASTBP_COMPILE_HELPER="0")
+    subprocess.run([sys.executable, "-m", "fastbp.kernels.numba_compile", "batch", "float64"], env=env, check=True,
+                   timeout=600)
+    probe = ("import numpy as np, fastbp as fb\n"
+             "from fastbp.kernels import numba_kernels as K\n"
+             "with fb.use_backend('numba'):\n"
+             "    net = fb.MLP([3, 4, 2], loss='cross_entropy', dtype='float64', seed=0)\n"
+             "    net.fit(np.ones((8, 3)), np.arange(8) % 2, epochs=1, batch_size=4, progress=False)\n"
+             "print(sum(K.batch_backward.stats.cache_hits.values()), sum(K._apply_update.stats.cache_hits.values()))\n")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, check=True, timeout=600, capture_output=True, text=True)
+    assert [int(v) for v in out.stdout.split()] == [1, 1]
+    assert numba_compile.start("no such entry", "float64") is None
