@@ -771,20 +771,21 @@ def _host_cpu_name() -> str:
 
 
 # What each compiled entry point is, and roughly how long its cold compile takes per dtype
-# (seconds, low on the 2-core EPYC, high on the 2-core Xeon: a first per-example fit 12.2 s, a
-# first batch-32 fit 22.5 s there, cpu-peers-20261202T014939Z.json "jit"; the first one also
-# compiles the helpers later ones share, so a fit's first compile is the larger figure).
+# (seconds, from the 2-core Xeon and the slower-compiling 2-core EPYC Zen 3: a first per-example
+# fit 12.2 / 14.3 s, a first batch-32 fit 22.5 / 32.2 s before its compile helper and 19-24 s on
+# the EPYC with it, warmup 28 / 49 s; cpu-peers-20261202T014939Z.json and T054506Z.json "jit",
+# jit-helper-20261202T063300Z.json; the first one also compiles what later ones share).
 _ENTRY = {
     "shallow_epoch": ("per-example training of a small network", "8-12"),
-    "examples_epoch": ("per-example training", "10-12"),
-    "batch_epoch": ("mini-batch training", "12-22"),
+    "examples_epoch": ("per-example training", "10-15"),
+    "batch_epoch": ("mini-batch training", "15-25"),
     "loop_epoch": ("mini-batch training with the per-example loop", 4),
     "loop_batch": ("per-example gradients", 4),
     "apply_update": ("the optimizer update", 2),
     "small_epoch": ("per-example training of this small network (compiled for its sizes)", "10-12"),
 }
 _HELPED = {"batch_epoch": "batch"}  # entry points a helper process compiles part of (numba_compile.PARTS)
-WARMUP_S = "23-28"  # everything for one dtype, the same way
+WARMUP_S = "25-50"  # everything for one dtype, the same way
 _BASIC = ("the shuffle, check and layer kernels", 1)  # each, on its first use
 ANNOUNCE_AFTER_S = 1.0  # where the cache cannot be read: say it once a call has taken this long
 
