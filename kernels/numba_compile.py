@@ -35,7 +35,7 @@ def start(entry: str, dtype: str):
     or None where there is no such part, one core, every core already busy (a load average at
     the core count: MPI ranks compiling alike, say) or ``FASTBP_COMPILE_HELPER=0``."""
     cores = _cores()
-    if entry not in PARTS or os.environ.get(DISABLE_VAR, "1") == "0" or cores < 2 or os.getloadavg()[0] >= cores:
+    if entry not in PARTS or os.environ.get(DISABLE_VAR, "1") == "0" or cores < 2 or _load() >= cores:
         return None
     try:
         return subprocess.Popen([sys.executable, "-m", "fastbp.kernels.numba_compile", entry, dtype],
@@ -59,6 +59,13 @@ def compile_parts(entry: str, dtype: str) -> list[str]:
         getattr(K, name).compile(tuple(kinds[k] for k in arg_kinds))
         done.append(name)
     return done
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - no load average here
+        return 0.0
 
 
 def _cores() -> int:
