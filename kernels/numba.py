@@ -312,12 +312,13 @@ class NumbaBackend(Backend):
         self._seen.add((name, dtype.char))
         what, seconds = _ENTRY.get(name, _BASIC)
         disp = getattr(_K, name, None) if disp is None else disp
-        if name in _HELPED:  # cold: a second process compiles part of it meanwhile (numba_compile.py)
-            if _cached_on_disk(disp, args) is False:
-                self._helper = numba_compile.start(_HELPED[name], dtype.name)
+        cached = _cached_on_disk(disp, args) if name in _HELPED else None  # read once, used twice
+        if cached is False:  # cold: a second process compiles part of it meanwhile (numba_compile.py)
+            self._helper = numba_compile.start(_HELPED[name], dtype.name)
         if self._quiet or ("basic", dtype.char) in self._seen and name not in _ENTRY:
             return None  # warmup says it once; the layer kernels get one line per dtype
-        cached = _cached_on_disk(disp, args) if disp is not None else True
+        if name not in _HELPED:
+            cached = _cached_on_disk(disp, args) if disp is not None else True
         if cached:
             return None
         if name not in _ENTRY:
