@@ -65,11 +65,45 @@ _DOT_MATH = {"reassoc", "contract"}
 # The BLAS ?gemm of kernels/blas.py (SciPy's OpenBLAS or MKL, bound by name in LLVM's symbol
 # table before any kernel links, so cached machine code serves either library). Fortran
 # calling convention: every argument by pointer.
-_GEMM_SIG = types.void(*([types.voidptr] * 13))
-_sgemm = types.ExternalFunction("fastbp_sgemm", _GEMM_SIG)
-_dgemm = types.ExternalFunction("fastbp_dgemm", _GEMM_SIG)
 _N, _T = ord("n"), ord("t")  # ?gemm's transpose characters
 _blas.bind_if_possible()
+
+
+@intrinsic
+def _fortran_gemm(typingctx, trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc):
+    """``fastbp_?gemm(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc)`` (column-major,
+    the Fortran convention) on the arrays' data: the scalars go by pointer to stack slots in
+    the entry block, the arrays as their data pointers. Done in LLVM IR because the same call
+    from Python-level Numba code needed three small heap arrays and thirteen ``.ctypes`` views
+    per GEMM, each view a reference-counted object (an atomic increment and decrement)."""
+    if not (isinstance(C, types.Array) and C.dtype in (types.float32, types.float64)):
+        return None
+    sig = types.void(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc)
+
+    def codegen(context, builder, signature, args):
+        tys = signature.args
+        ptr = ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ptr] * 13),
+                                            _blas.SYMBOLS[str(C.dtype)])
+        real = context.get_value_type(C.dtype)
+        out = []
+        for value, ty in zip(args, tys):
+            if isinstance(ty, types.Array):
+                out.append(builder.bitcast(context.make_array(ty)(context, builder, value).data, ptr))
+                continue
+            if isinstance(ty, types.Float):
+                llty, value = real, context.cast(builder, value, ty, C.dtype)
+            elif len(out) < 2:  # the transpose characters
+                llty, value = ir.IntType(8), builder.trunc(value, ir.IntType(8))
+            else:  # dimensions and leading dimensions: Fortran INTEGER
+                llty, value = ir.IntType(32), builder.trunc(value, ir.IntType(32))
+            slot = cgutils.alloca_once(builder, llty)
+            builder.store(value, slot)
+            out.append(builder.bitcast(slot, ptr))
+        builder.call(fn, out)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 # ============================================================ denormals
 # The training epochs run with denormals flushed to zero (MXCSR's FTZ and DAZ bits, set on entry
@@ -310,14 +344,16 @@ def output_range(loss, code, z, a, d, lo, Y, row, want_delta):
     return cost
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def output_layer(loss, code, z, a, d, lo, Y, row, scale):
     """The whole output layer of one example from its logits: ``a = phi(z)``, ``d = scale dc/dz``
     and the cost, for the compiled paths (``scale = 1/n`` makes d the mean cost's delta).
 
     Replaces ``act_range`` + ``output_range``: for softmax+cross_entropy and sigmoid+log_loss
     each exp is computed once and serves the activation, the cost and the delta (the output
-    layer's exps dominated a small batch's elementwise time)."""
+    layer's exps dominated a small batch's elementwise time). Inlined where it is called, once
+    per example: a call that takes arrays increfs and decrefs each of them (an atomic
+    read-modify-write apiece), which cost more than a small output layer's arithmetic."""
     k, lo = _U(Y.shape[1]), _U(lo)
     if loss == CROSS_ENTROPY and code == SOFTMAX:
         m = z[lo]
@@ -808,7 +844,7 @@ def loop_batch(sizes, hidden, output, loss, params, X, Y, grads, work, start, st
     return total, correct
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _row_correct(loss, a, lo, Y, row):
     """1 when one example's outputs ``a[lo:lo+k]`` classify like ``Y[row]`` (count_correct's rule)."""
     k = Y.shape[1]
@@ -1125,22 +1161,11 @@ def gemm(trans_a, trans_b, alpha, A, B, beta, C):
         return
     k = A.shape[0] if trans_a else A.shape[1]
     size = C.itemsize
-    ab = np.empty(2, C.dtype)
-    ab[0], ab[1] = alpha, beta
     # row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: the operands swap
-    dims = np.empty(6, np.int32)
-    dims[0], dims[1], dims[2] = n, m, k
-    dims[3] = max(1, B.strides[0] // size, B.shape[1])
-    dims[4] = max(1, A.strides[0] // size, A.shape[1])
-    dims[5] = max(1, C.strides[0] // size, C.shape[1])
-    trans = np.empty(2, np.uint8)
-    trans[0], trans[1] = _T if trans_b else _N, _T if trans_a else _N
-    args = (trans[:1].ctypes, trans[1:].ctypes, dims[0:].ctypes, dims[1:].ctypes, dims[2:].ctypes, ab[:1].ctypes,
-            B.ctypes, dims[3:].ctypes, A.ctypes, dims[4:].ctypes, ab[1:].ctypes, C.ctypes, dims[5:].ctypes)
-    if size == 4:
-        _sgemm(*args)
-    else:
-        _dgemm(*args)
+    ldb = max(1, B.strides[0] // size, B.shape[1])
+    lda = max(1, A.strides[0] // size, A.shape[1])
+    ldc = max(1, C.strides[0] // size, C.shape[1])
+    _fortran_gemm(_T if trans_b else _N, _T if trans_a else _N, n, m, k, alpha, B, ldb, A, lda, beta, C, ldc)
 
 
 @njit(cache=True, error_model="numpy")
