@@ -1,7 +1,10 @@
 """The Numba-compiled kernels behind ``kernels/numba.py``; importing this module imports numba.
 
 Everything here is ``@njit(cache=True, error_model="numpy")``, single-threaded, and writes
-into caller-owned arrays. ``error_model="numpy"`` because Python's model puts a
+into caller-owned arrays. Fast-math is explicit on every function (``fastmath=False`` unless
+it is a dot-product loop): a Numba function that leaves it unset inherits its caller's, and
+being compiled first from a fast-math caller (the per-example small kernels) once made the
+plain SGD step use FMA, 1 ulp off NumPy's, depending on which kernel a process compiled first. ``error_model="numpy"`` because Python's model puts a
 ZeroDivisionError check on every float division, and that branch kept LLVM from vectorizing
 any loop that divides: Adam's update (``m / (sqrt(v) ... + eps)``) ran 12-25x slower with it
 (203k parameters: 0.5-1.1 ms against 41 us, float32), and so did every loop indexed by a
@@ -105,6 +108,45 @@ def _fortran_gemm(typingctx, trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, b
 
     return sig, codegen
 
+# ============================================================ borrowed arrays
+# Numba counts references to every array a function binds: each call that takes arrays
+# increfs them on entry and decrefs them on exit, and so does each slice or reshape, with an
+# atomic read-modify-write apiece. In a compiled epoch that was ~230 atomics a step at
+# 64-64-10 batch 32 (~20% of its perf samples). The epochs therefore work on borrowed views:
+# the same data, shape and strides with no meminfo, so the counting is a null test. Safe
+# because the caller's arrays outlive the call and no view escapes it (the epochs return
+# scalars).
+
+
+@intrinsic
+def _borrowed(typingctx, a):
+    """``a`` without its reference-counted owner (meminfo NULL): a view for the duration of
+    the calling compiled function only."""
+    if not isinstance(a, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        from numba.np.arrayobj import populate_array
+        src = context.make_array(a)(context, builder, value=args[0])
+        out = context.make_array(a)(context, builder)
+        populate_array(out, data=src.data, shape=src.shape, strides=src.strides, itemsize=src.itemsize,
+                       meminfo=None)
+        return out._getvalue()
+
+    return a(a), codegen
+
+
+@intrinsic
+def _alive(typingctx, a, b):
+    """No code: a use of the owned arrays ``a`` and ``b`` after the calls that take borrowed
+    views of them, so Numba does not free them before those calls return (it frees an array
+    after its last use, and ``_borrowed(x)`` would otherwise be x's last use)."""
+    def codegen(context, builder, signature, args):
+        return context.get_dummy_value()
+
+    return types.none(a, b), codegen
+
+
 # ============================================================ denormals
 # The training epochs run with denormals flushed to zero (MXCSR's FTZ and DAZ bits, set on entry
 # and restored on exit, on the calling thread only). Adam's and momentum's moments of weights
@@ -142,7 +184,7 @@ def _mxcsr_set(typingctx, bits):
     return types.none(types.uint32), codegen
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
 def flush_denormals():
     """Set FTZ and DAZ; returns the MXCSR to hand to ``restore_denormals`` (0 off x86)."""
     if _X86:
@@ -152,7 +194,7 @@ def flush_denormals():
     return np.uint32(0)
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
 def restore_denormals(old):
     if _X86:
         _mxcsr_set(old)
@@ -206,7 +248,7 @@ def _exp_nonpositive(x):
     return exp_f32
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def _sigmoid(x):
     # One exp of -|x|: never overflows, full relative precision on both tails.
     one = type(x)(1.0)
@@ -215,7 +257,7 @@ def _sigmoid(x):
     return r if x >= 0 else e * r
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def act_range(code, z, a, lo, k):
     """``a[lo:lo+k] = phi(z[lo:lo+k])``; softmax treats the range as one example."""
     lo, k = _U(lo), _U(k)
@@ -250,7 +292,7 @@ def act_range(code, z, a, lo, k):
             a[i] /= s
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def dact_range(code, z, a, d, lo, k):
     """``d[lo:lo+k] = phi'(z) (.) d`` in place (softmax: the vector-Jacobian product)."""
     lo, k = _U(lo), _U(k)
@@ -279,7 +321,7 @@ def dact_range(code, z, a, d, lo, k):
 # ============================================================ the output layer: loss beside delta
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def output_range(loss, code, z, a, d, lo, Y, row, want_delta):
     """One example's cost (float64) and, when ``want_delta``, ``d = dc/dz``.
 
@@ -344,16 +386,17 @@ def output_range(loss, code, z, a, d, lo, Y, row, want_delta):
     return cost
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
 def output_layer(loss, code, z, a, d, lo, Y, row, scale):
     """The whole output layer of one example from its logits: ``a = phi(z)``, ``d = scale dc/dz``
-    and the cost, for the compiled paths (``scale = 1/n`` makes d the mean cost's delta).
+    and the cost, for the compiled paths (``scale = 1/n`` makes d the mean cost's delta). The
+    example is ``z[lo:lo+k]`` (k = Y.shape[1]) with targets ``Y[row]``.
 
     Replaces ``act_range`` + ``output_range``: for softmax+cross_entropy and sigmoid+log_loss
     each exp is computed once and serves the activation, the cost and the delta (the output
-    layer's exps dominated a small batch's elementwise time). Inlined where it is called, once
-    per example: a call that takes arrays increfs and decrefs each of them (an atomic
-    read-modify-write apiece), which cost more than a small output layer's arithmetic."""
+    layer's exps dominated a small batch's elementwise time). Inlined where it is called (the
+    per-example epochs, ``output_rows``): a call is a cost per example of its own, and the
+    epochs' arrays are borrowed (``_borrowed``), so the inlined copies count no references."""
     k, lo = _U(Y.shape[1]), _U(lo)
     if loss == CROSS_ENTROPY and code == SOFTMAX:
         m = z[lo]
@@ -398,10 +441,31 @@ def output_layer(loss, code, z, a, d, lo, Y, row, scale):
     return cost
 
 
+@njit(cache=True, error_model="numpy", fastmath=False)
+def output_example(loss, code, z, a, d, lo, Y, row, scale):
+    """``output_layer`` as a call of its own, for the fast-math per-example kernels
+    (``_shallow_body``): inlined there, its exps and costs would be compiled with their
+    reassociation and contraction."""
+    return output_layer(loss, code, z, a, d, lo, Y, row, scale)
+
+
+@njit(cache=True, error_model="numpy", fastmath=False)
+def output_rows(loss, code, Z, A, D, Y, n, scale):
+    """``output_layer`` for the first ``n`` rows of a batch's flat ``Z, A, D``; returns the
+    summed cost. The rows loop in here rather than around a call: a call that takes arrays
+    increfs and decrefs each of them (an atomic read-modify-write apiece), and per row that
+    was ~15% of a 64-64-10 batch-32 step."""
+    k = Y.shape[1]
+    total = 0.0
+    for r in range(n):
+        total += output_layer(loss, code, Z, A, D, r * k, Y, r, scale)
+    return total
+
+
 # ============================================================ batch kernels (2-D, row-major)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def activation(code, Z, A):
     """``A = phi(Z)`` for a batch; softmax row by row."""
     Zf, Af = Z.reshape(Z.size), A.reshape(A.size)
@@ -413,7 +477,7 @@ def activation(code, Z, A):
         act_range(code, Zf, Af, np.int64(0), Z.size)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def activation_backward(code, Z, A, D):
     """``D = phi'(Z) (.) D`` in place for a batch; softmax's VJP row by row."""
     Zf, Af, Df = Z.reshape(Z.size), A.reshape(A.size), D.reshape(D.size)
@@ -425,7 +489,7 @@ def activation_backward(code, Z, A, D):
         dact_range(code, Zf, Af, Df, np.int64(0), D.size)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def hidden_delta(code, Dn, Wn, Z, A, out):
     """``out = phi'(Z) (.) (Dn @ Wn)``: one BLAS GEMM, then one pass for phi'.
 
@@ -435,7 +499,7 @@ def hidden_delta(code, Dn, Wn, Z, A, out):
     activation_backward(code, Z, A, out)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def output_delta(loss, code, Z, A, Y, D):
     """Fused output layer for a batch: ``D = dC/dZ`` row by row; returns the summed cost."""
     Zf, Af, Df = Z.reshape(Z.size), A.reshape(A.size), D.reshape(D.size)
@@ -446,7 +510,7 @@ def output_delta(loss, code, Z, A, Y, D):
     return total
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def loss_sum(loss, code, Z, A, Y):
     """The summed cost of a batch, no delta."""
     Zf, Af = Z.reshape(Z.size), A.reshape(A.size)
@@ -457,7 +521,7 @@ def loss_sum(loss, code, Z, A, Y):
     return total
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def add_bias(Z, b):
     """``Z += b`` on every row."""
     Zf = Z.reshape(Z.size)
@@ -468,7 +532,7 @@ def add_bias(Z, b):
             Zf[base + j] += b[j]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def bias_grad(D, out, alpha, accumulate):
     """``out (+)= alpha * D.sum(axis=0)``, row by row (each row a contiguous SIMD add)."""
     Df = D.reshape(D.size)
@@ -489,7 +553,7 @@ def bias_grad(D, out, alpha, accumulate):
             out[j] *= alpha
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def hadamard(a, b, out):
     """``out = a * b`` elementwise (any C-contiguous shape)."""
     af, bf, of = a.reshape(a.size), b.reshape(b.size), out.reshape(out.size)
@@ -497,7 +561,7 @@ def hadamard(a, b, out):
         of[i] = af[i] * bf[i]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def outer(x, y, out, alpha, accumulate):
     """``out (+)= alpha x y^T`` (x, y 1-D); ``(x_i y_j) alpha`` as in the reference."""
     of = out.reshape(out.size)
@@ -518,13 +582,13 @@ def outer(x, y, out, alpha, accumulate):
 # per-example update, where each weight's gradient d_r x_k is formed and applied at once.
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def rule_scalars(hp, t, one):
     """The rule's per-step scalars in the model dtype (``one`` is its 1.0), for step ``t`` (1-based)."""
     return rule_scalars_at(hp, hp[HP_BETA1] ** t, hp[HP_BETA2] ** t, one)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def rule_scalars_at(hp, b1_t, b2_t, one):
     """``rule_scalars`` from the bias-correction powers ``b1^t`` and ``b2^t`` themselves: the
     per-example epochs carry them along as running products (a pow per example cost more
@@ -543,14 +607,14 @@ def rule_scalars_at(hp, b1_t, b2_t, one):
             T(b2), T(1.0 - b2), T(hp[HP_EPS]), T(step_size), T(inv_bc2))
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
 def _momentum_step_of(p, m, g, mom, lr):
     """Heavy-ball momentum for one parameter: the new ``(p, m)``."""
     m = m * mom + g
     return p - m * lr, m
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
 def _adam_step_of(p, m, v, g, b1, ob1, b2, ob2, eps, step_size, inv_bc2):
     """Adam for one parameter (bias corrections folded into ``step_size`` and ``inv_bc2``):
     the new ``(p, m, v)``."""
@@ -559,7 +623,7 @@ def _adam_step_of(p, m, v, g, b1, ob1, b2, ob2, eps, step_size, inv_bc2):
     return p - (m / (np.sqrt(v) * inv_bc2 + eps)) * step_size, m, v
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
 def _rule_step(c, p, g, m, v, l2):
     """One parameter's step: returns the new ``(p, m, v)`` from its gradient ``g`` (same
     operation order as kernels/numpy.py's update, so the two round alike). The loops for the
@@ -584,7 +648,7 @@ def _rule_step(c, p, g, m, v, l2):
     return p, m, v
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def heavy_ball(P, G, M, lo, hi, mom, lr):
     """Momentum without decay over ``[lo, hi)`` (``_momentum_step_of``, as a branch-free loop
     that vectorizes)."""
@@ -592,7 +656,7 @@ def heavy_ball(P, G, M, lo, hi, mom, lr):
         P[i], M[i] = _momentum_step_of(P[i], M[i], G[i], mom, lr)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def _update_range(c, P, G, S, lo, hi, l2):
     kind, mom = c[0], c[2]
     zero = type(l2)(0.0)
@@ -618,7 +682,7 @@ def _update_range(c, P, G, S, lo, hi, l2):
             P[i], M[i], V[i] = _rule_step(c, P[i], G[i], M[i], V[i], l2)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def _apply_update(hp, step, sizes, params, grads, state, rows):
     """One optimizer step over the flat buffers, layer by layer (``l2`` reaches weights only);
     advances ``step[0]``."""
@@ -631,7 +695,7 @@ def _apply_update(hp, step, sizes, params, grads, state, rows):
         _update_range(c, params, grads, state, b_off[l], b_off[l] + sizes[l + 1], type(l2)(0.0))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def apply_update(hp, step, sizes, params, grads, state, rows):
     """``_apply_update`` with denormals flushed (``flush_denormals``)."""
     old = flush_denormals()
@@ -659,7 +723,7 @@ def all_finite(a):
     return True
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def take_rows(src, index, out):
     """``out[:] = src[index]``, row by row; indices clipped into range (NumPy's mode="clip")."""
     k = _U(src.shape[1])
@@ -677,7 +741,7 @@ def take_rows(src, index, out):
 # (row-major, n_out x n_in), b at b_off[l]. Activations/deltas are flat with offsets too.
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def layer_offsets(sizes):
     """``(w_off, b_off, u_off)``: parameter offsets per layer, and where layer l's units start
     in a per-example buffer holding every layer, inputs included (``u_off[-1] = sum(sizes)``)."""
@@ -796,7 +860,7 @@ def rank1_step(c, P, S, wo, bo, n_out, n_in, d, do, x, xo, l2):
 # like the units (``u_off``): 3 * sum(sizes) entries; a[0:n_in] is the example itself.
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def _example_forward(sizes, hidden, P, w_off, b_off, u_off, X, s, zs, acts):
     n_layers = sizes.size - 1
     for k in range(sizes[0]):
@@ -807,14 +871,14 @@ def _example_forward(sizes, hidden, P, w_off, b_off, u_off, X, s, zs, acts):
             act_range(hidden, zs, acts, u_off[l + 1], sizes[l + 1])
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def _example_backward(sizes, hidden, P, w_off, u_off, zs, acts, ds, l):
     """The delta of layer l-1 from layer l's (with layer l's weights as they are now)."""
     dense_t(P, w_off[l], sizes[l + 1], sizes[l], ds, u_off[l + 1], ds, u_off[l])
     dact_range(hidden, zs, acts, ds, u_off[l], sizes[l])
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def loop_batch(sizes, hidden, output, loss, params, X, Y, grads, work, start, stop):
     """The textbook per-example loop over rows ``start:stop``: per example a vector forward,
     the output delta, the backward pass and ``dW += delta a^T``, ``db += delta``; then the
@@ -844,7 +908,7 @@ def loop_batch(sizes, hidden, output, loss, params, X, Y, grads, work, start, st
     return total, correct
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
 def _row_correct(loss, a, lo, Y, row):
     """1 when one example's outputs ``a[lo:lo+k]`` classify like ``Y[row]`` (count_correct's rule)."""
     k = Y.shape[1]
@@ -864,7 +928,7 @@ def _row_correct(loss, a, lo, Y, row):
     return 0
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
 def _examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, state, work):
     """A whole epoch of per-example training (batch size 1) in one call, over the rows of
     ``X, Y`` in ``order`` (in place of a shuffled copy; empty: in their own order).
@@ -876,7 +940,8 @@ def _examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, 
     stops before the update of a non-finite cost.
     """
     n_layers = sizes.size - 1
-    w_off, b_off, u_off = layer_offsets(sizes)
+    w_owned, b_owned, u_owned = layer_offsets(sizes)
+    w_off, b_off, u_off = _borrowed(w_owned), _borrowed(b_owned), _borrowed(u_owned)  # no counting per example
     units = u_off[n_layers + 1]
     zs, acts, ds = work[:units], work[units:2 * units], work[2 * units:3 * units]
     one = type(params[0])(1.0)
@@ -906,19 +971,22 @@ def _examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, 
             else:
                 rank1_step(c, params, state, w_off[l], b_off[l], sizes[l + 1], sizes[l], ds, u_off[l + 1], acts,
                            u_off[l], l2)
+    _alive(w_owned, b_owned)
+    _alive(u_owned, u_owned)
     return total, X.shape[0], correct
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, state, work):
     """``_examples_epoch`` with denormals flushed (``flush_denormals``)."""
     old = flush_denormals()
-    out = _examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, state, work)
+    out = _examples_epoch(_borrowed(sizes), hidden, output, loss, _borrowed(params), _borrowed(X), _borrowed(Y),
+                          _borrowed(order), _borrowed(hp), _borrowed(step), _borrowed(state), _borrowed(work))
     restore_denormals(old)
     return out
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
 def _phi(code, x):
     """One element of an elementwise activation (the hidden layers')."""
     if code == RELU:
@@ -932,7 +1000,7 @@ def _phi(code, x):
     return x
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
 def _dphi(code, z, a, d):
     """``phi'(z) d`` for one element, as ``dact_range`` computes it."""
     if code == RELU:
@@ -982,7 +1050,8 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step
     # SIMD vectors, where row by row the short rows never fill one (2-8-1 Adam: ~185 against
     # ~215 ns an example in shallow_epoch).
     flat = not plain and n_params <= FLAT_MAX
-    G = np.empty(np.int64(n_params) if flat else np.int64(0), P.dtype)
+    G_owned = np.empty(np.int64(n_params) if flat else np.int64(0), P.dtype)
+    G = _borrowed(G_owned)  # no counting per example (kept alive below)
     total = 0.0
     correct = 0
     shuffled = order.size > 0
@@ -1003,7 +1072,7 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step
             for j in range(H):
                 acc += P[base + j] * acts[h0 + j]
             zs[o0 + o] = acc + P[b2 + o]
-        cost = output_layer(loss, output, zs, acts, ds, np.int64(o0), Y, row, one)
+        cost = output_example(loss, output, zs, acts, ds, np.int64(o0), Y, row, one)
         if not np.isfinite(cost):
             return total, s, correct
         total += cost
@@ -1057,6 +1126,7 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step
             i64 = np.int64  # the offset type every other caller passes: one compiled rank1_step
             rank1_step(c, P, S, i64(w2), i64(b2), i64(n_out), i64(H), ds, i64(o0), acts, i64(h0), l2)
             rank1_step(c, P, S, i64(w1), i64(b1), i64(H), i64(n_in), ds, i64(h0), Xf, i64(xo), l2)
+    _alive(G_owned, G_owned)
     return total, X.shape[0], correct
 
 
@@ -1064,19 +1134,20 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step
 def shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step, S, work):
     """``_shallow_body`` with denormals flushed (``flush_denormals``); inlined where it is called."""
     old = flush_denormals()
-    out = _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step, S, work)
+    out = _shallow_body(n_in, H, n_out, hidden, output, loss, _borrowed(P), _borrowed(X), _borrowed(Y),
+                        _borrowed(order), _borrowed(hp), _borrowed(step), _borrowed(S), _borrowed(work))
     restore_denormals(old)
     return out
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def _batch_buffers(X, Y, order, batch_size):
     """Room for one batch's gathered rows of ``X`` and ``Y`` (none when ``order`` is empty)."""
     rows = min(batch_size, X.shape[0]) if order.size > 0 else 0
     return np.empty((rows, X.shape[1]), X.dtype), np.empty((rows, Y.shape[1]), Y.dtype)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def _gather_rows(X, Y, order, start, stop, Xg, Yg):
     """Rows ``order[start:stop]`` of ``X`` and ``Y`` into the first rows of ``Xg``, ``Yg``
     (element loops: 2.4x faster than row-slice assignment here)."""
@@ -1088,15 +1159,15 @@ def _gather_rows(X, Y, order, start, stop, Xg, Yg):
             Yg[r, k] = Y[i, k]
 
 
-@njit(cache=True, error_model="numpy", inline="always")
-def _loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_size, hp, step, state, work):
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
+def _loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_size, hp, step, state, work, Xg, Yg):
     """A whole epoch of mini-batch training whose gradients come from the per-example loop,
-    over the rows in ``order`` (empty: in their own order)."""
+    over the rows in ``order`` (empty: in their own order; else each batch gathered into
+    ``Xg``, ``Yg``, see ``_batch_buffers``)."""
     n = X.shape[0]
     total = 0.0
     correct = 0
     shuffled = order.size > 0
-    Xg, Yg = _batch_buffers(X, Y, order, batch_size)
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         if shuffled:
@@ -1112,11 +1183,15 @@ def _loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_s
     return total, n, correct
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_size, hp, step, state, work):
     """``_loop_epoch`` with denormals flushed (``flush_denormals``)."""
+    Xg, Yg = _batch_buffers(X, Y, order, batch_size)  # owned here, kept alive past the call (_alive)
     old = flush_denormals()
-    out = _loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_size, hp, step, state, work)
+    out = _loop_epoch(_borrowed(sizes), hidden, output, loss, _borrowed(params), _borrowed(grads), _borrowed(X),
+                      _borrowed(Y), _borrowed(order), batch_size, _borrowed(hp), _borrowed(step), _borrowed(state),
+                      _borrowed(work), _borrowed(Xg), _borrowed(Yg))
+    _alive(Xg, Yg)
     restore_denormals(old)
     return out
 
@@ -1131,7 +1206,7 @@ def loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_si
 FORWARD_MIN, BACKWARD_MIN = 0, 1
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def _view_bases(work, sizes, u_off):
     """Where Z, A, D (rows 0, 1, 2) of each weight layer start in a batch workspace."""
     units = u_off[sizes.size] - sizes[0]
@@ -1143,14 +1218,14 @@ def _view_bases(work, sizes, u_off):
     return bases
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
 def _view(work, bases, sizes, n, kind, l):
     # Z, A or D (kind 0, 1, 2) of weight layer l: its first n rows
     base, k = bases[kind, l], sizes[l + 1]
     return work[base:base + n * k].reshape((n, k))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def gemm(trans_a, trans_b, alpha, A, B, beta, C):
     """``C = alpha op(A) op(B) + beta C`` for row-major matrices (unit column stride), one BLAS
     ``?gemm`` (kernels/blas.py's library), with the alpha and beta that ``np.dot`` lacks: an
@@ -1168,7 +1243,7 @@ def gemm(trans_a, trans_b, alpha, A, B, beta, C):
     _fortran_gemm(_T if trans_b else _N, _T if trans_a else _N, n, m, k, alpha, B, ldb, A, lda, beta, C, ldc)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def gemm_loop(trans_a, trans_b, A, B, C, reps):
     """``C = op(A) op(B)`` ``reps`` times back to back: one product alone, as the epochs call it
     (the benchmarks' GEMM-only time of a step)."""
@@ -1177,7 +1252,7 @@ def gemm_loop(trans_a, trans_b, A, B, C, reps):
         gemm(trans_a, trans_b, one, A, B, zero, C)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def _forward_product(A, P, wo, bo, W, Z, Anext, code, plan):
     """``Z = A @ W.T + b`` and, unless ``code < 0``, ``Anext = phi(Z)`` in the same pass as the bias."""
     n, n_in = A.shape
@@ -1194,7 +1269,7 @@ def _forward_product(A, P, wo, bo, W, Z, Anext, code, plan):
         act_range(code, Zf, Nf, np.int64(0), Z.size)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def _bias_act(code, Zf, P, bo, Af, n, k):
     """``Z += b`` row by row and, unless ``code < 0``, ``A = phi(Z)`` in the same pass:
     replaces ``add_bias`` + ``act_range`` (one pass over Z instead of two)."""
@@ -1216,7 +1291,7 @@ def _bias_act(code, Zf, P, bo, Af, n, k):
             act_range(code, Zf, Af, np.int64(base), np.int64(k))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def _weight_step(D, A, G, wo, bo, gW, plan, neg_lr):
     """``dW = D^T @ A``, ``db = sum_rows D`` into the gradient buffer ``G`` (``gW`` its view of W)
     or, when ``neg_lr != 0`` (plain SGD), straight into the parameters ``G``: ``W += -lr D^T A``
@@ -1244,7 +1319,7 @@ def _weight_step(D, A, G, wo, bo, gW, plan, neg_lr):
         rank1_update(G, wo, bo, n_out, n_in, Df, s * n_out, Af, s * n_in, alpha)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def _input_delta(D, P, wo, W, out, plan):
     """``out = D @ W`` (the back-propagated delta before phi')."""
     n, n_out = D.shape
@@ -1257,7 +1332,7 @@ def _input_delta(D, P, wo, W, out, plan):
         dense_t(P, wo, n_out, n_in, Df, s * n_out, Of, s * n_in)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def batch_forward(sizes, hidden, output, loss, params, Xb, Yb, work, plan, w_off, b_off, bases):
     """The forward pass and the fused output delta of the batch ``Xb``; returns the summed cost.
 
@@ -1275,14 +1350,10 @@ def batch_forward(sizes, hidden, output, loss, params, Xb, Yb, work, plan, w_off
     D = _view(work, bases, sizes, n, 2, L)
     Zf = _view(work, bases, sizes, n, 0, L).reshape(n * sizes[L + 1])
     Af, Df = a_prev.reshape(a_prev.size), D.reshape(D.size)
-    total = 0.0
-    inv_n = type(params[0])(1.0 / n)
-    for s in range(n):
-        total += output_layer(loss, output, Zf, Af, Df, s * sizes[L + 1], Yb, s, inv_n)
-    return total
+    return output_rows(loss, output, Zf, Af, Df, Yb, n, type(params[0])(1.0 / n))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def _momentum_step(D, A, P, G, M, wo, bo, plan, mom, lr):
     """One layer's momentum step with the weight gradient formed in the GEMM that updates the
     velocity, ``M_W = mom M_W + D^T A`` (beta = mom: no gradient buffer written and read back
@@ -1309,7 +1380,7 @@ def _momentum_step(D, A, P, G, M, wo, bo, plan, mom, lr):
         P[i] = P[i] - m * lr
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, bases, neg_lr, mom, M):
     """After ``batch_forward``: per layer from the top, ``D_prev = phi'(Z) (.) (D W)`` (with W
     before its update), then ``dW = D^T A``, ``db = sum D`` into ``grads`` -- or the step
@@ -1333,7 +1404,7 @@ def batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, b
         _weight_step(D, a_prev, target, w_off[l], b_off[l], target[w_off[l]:b_off[l]].reshape(W.shape), plan, neg_lr)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def batch_gradients(sizes, hidden, output, loss, params, grads, Xb, Yb, work, plan, w_off, b_off, bases):
     """Gradients of the mean cost over the batch ``Xb`` into ``grads``; returns the summed cost."""
     total = batch_forward(sizes, hidden, output, loss, params, Xb, Yb, work, plan, w_off, b_off, bases)
@@ -1342,16 +1413,18 @@ def batch_gradients(sizes, hidden, output, loss, params, grads, Xb, Yb, work, pl
     return total
 
 
-@njit(cache=True, error_model="numpy", inline="always")
-def _batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_size, hp, step, state, work, plan):
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
+def _batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_size, hp, step, state, work, plan,
+                 Xg, Yg):
     """A whole epoch of mini-batch training in the matrix form, in one call, over the rows in
     ``order`` (each batch gathered into a buffer that stays in cache; empty: in their own
     order). Plain SGD and momentum without weight decay, l2 or Nesterov are fused into the
     weight-gradient GEMMs (``batch_backward``); any other rule gets the gradients and then
     ``apply_update``."""
     n = X.shape[0]
-    w_off, b_off, u_off = layer_offsets(sizes)
-    bases = _view_bases(work, sizes, u_off)
+    w_owned, b_owned, u_owned = layer_offsets(sizes)
+    bases_owned = _view_bases(work, sizes, u_owned)
+    w_off, b_off, bases = _borrowed(w_owned), _borrowed(b_owned), _borrowed(bases_owned)  # no counting per step
     L = sizes.size - 2
     k = sizes[L + 1]
     one = type(params[0])(1.0)
@@ -1366,7 +1439,6 @@ def _batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_
     total = 0.0
     correct = 0
     shuffled = order.size > 0
-    Xg, Yg = _batch_buffers(X, Y, order, batch_size)
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         if shuffled:
@@ -1387,14 +1459,19 @@ def _batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_
             step[0] += 1
         else:
             _apply_update(hp, step, sizes, params, grads, state, stop - start)
+    _alive(w_owned, b_owned)
+    _alive(u_owned, bases_owned)
     return total, n, correct
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_size, hp, step, state, work, plan):
     """``_batch_epoch`` with denormals flushed (``flush_denormals``)."""
+    Xg, Yg = _batch_buffers(X, Y, order, batch_size)  # owned here, kept alive past the call (_alive)
     old = flush_denormals()
-    out = _batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_size, hp, step, state, work,
-                       plan)
+    out = _batch_epoch(_borrowed(sizes), hidden, output, loss, _borrowed(params), _borrowed(grads), _borrowed(X),
+                       _borrowed(Y), _borrowed(order), batch_size, _borrowed(hp), _borrowed(step), _borrowed(state),
+                       _borrowed(work), _borrowed(plan), _borrowed(Xg), _borrowed(Yg))
+    _alive(Xg, Yg)
     restore_denormals(old)
     return out

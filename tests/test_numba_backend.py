@@ -880,3 +880,18 @@ def test_a_helper_process_compiles_the_backward_half_of_a_cold_batch_epoch_into_
     out = subprocess.run([sys.executable, "-c", probe], env=env, check=True, timeout=600, capture_output=True, text=True)
     assert [int(v) for v in out.stdout.split()] == [1, 1]
     assert numba_compile.start("no such entry", "float64") is None
+
+
+def test_every_kernel_sets_fastmath_itself():
+    # A Numba function that leaves fastmath unset inherits its caller's: the plain SGD step,
+    # compiled first from a fast-math per-example kernel, used FMA and came out 1 ulp off
+    # NumPy's in whichever process compiled in that order. Every kernel says what it wants.
+    from numba.core.registry import CPUDispatcher
+
+    from fastbp.kernels import numba_kernels as K
+
+    kernels = {name: f for name, f in vars(K).items() if isinstance(f, CPUDispatcher)}
+    assert len(kernels) > 40
+    unset = sorted(name for name, f in kernels.items() if "fastmath" not in f.targetoptions)
+    assert unset == []
+    assert kernels["apply_update"].targetoptions["fastmath"] in (False, set())
