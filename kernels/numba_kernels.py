@@ -248,7 +248,7 @@ def _exp_nonpositive(x):
     return exp_f32
 
 
-@njit(cache=True, error_model="numpy", fastmath=False)
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
 def _sigmoid(x):
     # One exp of -|x|: never overflows, full relative precision on both tails.
     one = type(x)(1.0)
