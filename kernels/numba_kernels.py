@@ -111,8 +111,8 @@ def _fortran_gemm(typingctx, trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, b
 # ============================================================ borrowed arrays
 # Numba counts references to every array a function binds: each call that takes arrays
 # increfs them on entry and decrefs them on exit, and so does each slice or reshape, with an
-# atomic read-modify-write apiece. In a compiled epoch that was ~230 atomics a step at
-# 64-64-10 batch 32 (~20% of its perf samples). The epochs therefore work on borrowed views:
+# atomic read-modify-write apiece: in a small network's compiled epoch that was a fifth of the
+# time (benchmarks/results/refcount-profile-20261202.json). The epochs therefore work on borrowed views:
 # the same data, shape and strides with no meminfo, so the counting is a null test. Safe
 # because the caller's arrays outlive the call and no view escapes it (the epochs return
 # scalars).
@@ -453,8 +453,8 @@ def output_example(loss, code, z, a, d, lo, Y, row, scale):
 def output_rows(loss, code, Z, A, D, Y, n, scale):
     """``output_layer`` for the first ``n`` rows of a batch's flat ``Z, A, D``; returns the
     summed cost. The rows loop in here rather than around a call: a call that takes arrays
-    increfs and decrefs each of them (an atomic read-modify-write apiece), and per row that
-    was ~15% of a 64-64-10 batch-32 step."""
+    increfs and decrefs each of them (an atomic read-modify-write apiece; measured in
+    benchmarks/results/refcount-profile-20261202.json)."""
     k = Y.shape[1]
     total = 0.0
     for r in range(n):
