@@ -79,8 +79,9 @@ def _fortran_gemm(typingctx, trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, b
     the entry block, the arrays as their data pointers. Done in LLVM IR because the same call
     from Python-level Numba code needed three small heap arrays and thirteen ``.ctypes`` views
     per GEMM, each view a reference-counted object (an atomic increment and decrement)."""
-    if not (isinstance(C, types.Array) and C.dtype in (types.float32, types.float64)):
-        return None
+    if not (isinstance(C, types.Array) and C.dtype in (types.float32, types.float64)
+            and isinstance(alpha, types.Float) and isinstance(beta, types.Float)):
+        return None  # alpha and beta must be floats: an integer would be passed as a dimension is
     sig = types.void(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc)
 
     def codegen(context, builder, signature, args):
@@ -1037,6 +1038,9 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step
     units = n_in + H + n_out
     zs, acts, ds = work[:units], work[units:2 * units], work[2 * units:3 * units]
     h0, o0 = n_in, n_in + H  # where the hidden and output units sit in zs/acts/ds
+    # sigmoid and tanh (a polynomial exp, 1 - a^2) would be contracted into FMAs inlined here;
+    # ReLU and leaky ReLU have no arithmetic for fast-math to change
+    smooth = hidden == SIGMOID or hidden == TANH
     Xf = X.reshape(X.size)
     one = type(P[0])(1.0)
     zero = one - one
@@ -1065,7 +1069,10 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step
                 acc += P[base + k] * Xf[xo + k]
             z = acc + P[b1 + j]
             zs[h0 + j] = z
-            acts[h0 + j] = _phi(hidden, z)
+            if not smooth:
+                acts[h0 + j] = _phi(hidden, z)
+        if smooth:  # one call compiled without this function's fast-math: the same rounding as examples_epoch
+            act_range(hidden, zs, acts, np.int64(h0), np.int64(H))
         for o in range(n_out):
             base = w2 + o * H
             acc = zero
@@ -1084,7 +1091,9 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step
             acc = zero
             for o in range(n_out):
                 acc += P[w2 + o * H + j] * ds[o0 + o]
-            ds[h0 + j] = _dphi(hidden, zs[h0 + j], acts[h0 + j], acc)
+            ds[h0 + j] = acc if smooth else _dphi(hidden, zs[h0 + j], acts[h0 + j], acc)
+        if smooth:
+            dact_range(hidden, zs, acts, ds, np.int64(h0), np.int64(H))
         if plain:
             for o in range(n_out):
                 st = ds[o0 + o] * neg_lr
