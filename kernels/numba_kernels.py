@@ -4,9 +4,10 @@ Everything here is ``@njit(cache=True, error_model="numpy")``, single-threaded, 
 into caller-owned arrays. Fast-math is explicit on every function (``fastmath=False`` unless
 it is a dot-product loop): a Numba function that leaves it unset inherits its caller's, and
 being compiled first from a fast-math caller (the per-example small kernels) once made the
-plain SGD step use FMA, 1 ulp off NumPy's, depending on which kernel a process compiled first. ``error_model="numpy"`` because Python's model puts a
-ZeroDivisionError check on every float division, and that branch kept LLVM from vectorizing
-any loop that divides: Adam's update (``m / (sqrt(v) ... + eps)``) ran 12-25x slower with it
+plain SGD step use FMA, 1 ulp off NumPy's, depending on which kernel a process compiled first.
+An ``inline="always"`` function is compiled with its caller's flags whatever it states.
+``error_model="numpy"`` because Python's model puts a ZeroDivisionError check on every float
+division, and that branch kept LLVM from vectorizing any loop that divides: Adam's update (``m / (sqrt(v) ... + eps)``) ran 12-25x slower with it
 (203k parameters: 0.5-1.1 ms against 41 us, float32), and so did every loop indexed by a
 signed offset (momentum 280 vs 29 us). Division by zero gives inf/NaN, as in NumPy.
 
@@ -138,14 +139,14 @@ def _borrowed(typingctx, a):
 
 
 @intrinsic
-def _alive(typingctx, a, b):
-    """No code: a use of the owned arrays ``a`` and ``b`` after the calls that take borrowed
-    views of them, so Numba does not free them before those calls return (it frees an array
-    after its last use, and ``_borrowed(x)`` would otherwise be x's last use)."""
+def _alive(typingctx, a):
+    """No code: a use of the owned array ``a`` after the calls that take borrowed views of it,
+    so Numba does not free it before those calls return (it frees an array after its last
+    use, and ``_borrowed(a)`` would otherwise be a's last use)."""
     def codegen(context, builder, signature, args):
         return context.get_dummy_value()
 
-    return types.none(a, b), codegen
+    return types.none(a), codegen
 
 
 # ============================================================ denormals
@@ -972,8 +973,9 @@ def _examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, 
             else:
                 rank1_step(c, params, state, w_off[l], b_off[l], sizes[l + 1], sizes[l], ds, u_off[l + 1], acts,
                            u_off[l], l2)
-    _alive(w_owned, b_owned)
-    _alive(u_owned, u_owned)
+    _alive(w_owned)
+    _alive(b_owned)
+    _alive(u_owned)
     return total, X.shape[0], correct
 
 
@@ -1135,7 +1137,7 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step
             i64 = np.int64  # the offset type every other caller passes: one compiled rank1_step
             rank1_step(c, P, S, i64(w2), i64(b2), i64(n_out), i64(H), ds, i64(o0), acts, i64(h0), l2)
             rank1_step(c, P, S, i64(w1), i64(b1), i64(H), i64(n_in), ds, i64(h0), Xf, i64(xo), l2)
-    _alive(G_owned, G_owned)
+    _alive(G_owned)
     return total, X.shape[0], correct
 
 
@@ -1200,7 +1202,8 @@ def loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_si
     out = _loop_epoch(_borrowed(sizes), hidden, output, loss, _borrowed(params), _borrowed(grads), _borrowed(X),
                       _borrowed(Y), _borrowed(order), batch_size, _borrowed(hp), _borrowed(step), _borrowed(state),
                       _borrowed(work), _borrowed(Xg), _borrowed(Yg))
-    _alive(Xg, Yg)
+    _alive(Xg)
+    _alive(Yg)
     restore_denormals(old)
     return out
 
@@ -1468,8 +1471,10 @@ def _batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_
             step[0] += 1
         else:
             _apply_update(hp, step, sizes, params, grads, state, stop - start)
-    _alive(w_owned, b_owned)
-    _alive(u_owned, bases_owned)
+    _alive(w_owned)
+    _alive(b_owned)
+    _alive(u_owned)
+    _alive(bases_owned)
     return total, n, correct
 
 
@@ -1481,6 +1486,7 @@ def batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_s
     out = _batch_epoch(_borrowed(sizes), hidden, output, loss, _borrowed(params), _borrowed(grads), _borrowed(X),
                        _borrowed(Y), _borrowed(order), batch_size, _borrowed(hp), _borrowed(step), _borrowed(state),
                        _borrowed(work), _borrowed(plan), _borrowed(Xg), _borrowed(Yg))
-    _alive(Xg, Yg)
+    _alive(Xg)
+    _alive(Yg)
     restore_denormals(old)
     return out
