@@ -7,9 +7,10 @@ being compiled first from a fast-math caller (the per-example small kernels) onc
 plain SGD step use FMA, 1 ulp off NumPy's, depending on which kernel a process compiled first.
 An ``inline="always"`` function is compiled with its caller's flags whatever it states.
 ``error_model="numpy"`` because Python's model puts a ZeroDivisionError check on every float
-division, and that branch kept LLVM from vectorizing any loop that divides: Adam's update (``m / (sqrt(v) ... + eps)``) ran 12-25x slower with it
-(203k parameters: 0.5-1.1 ms against 41 us, float32), and so did every loop indexed by a
-signed offset (momentum 280 vs 29 us). Division by zero gives inf/NaN, as in NumPy.
+division, and that branch kept LLVM from vectorizing any loop that divides: Adam's update
+(``m / (sqrt(v) ... + eps)``) ran 12-25x slower with it (203k parameters: 0.5-1.1 ms against
+41 us, float32), and so did every loop indexed by a signed offset (momentum 280 vs 29 us).
+Division by zero gives inf/NaN, as in NumPy.
 
 Call sites pass offsets as int64 and flags as ``np.bool_``: a literal (``0``, ``True``) or a
 uint64 argument makes Numba compile another specialisation of the callee (56 instead of 42
