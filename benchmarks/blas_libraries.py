@@ -7,6 +7,8 @@ Each library runs in its own process (the binding is per process, ``FASTBP_BLAS`
 libraries alternate repeat by repeat, and every repeat is kept; each product is timed as the
 compiled epochs call it (``numba_kernels.gemm`` in a compiled loop, ``fastbp.bench.timing
 .gemm_at_shapes``) on the BLAS threads the backend would choose on a quiet machine (all cores).
+The first layer's weight gradient is also timed as ``C = D^T A + beta C`` for beta 0, 1 and 0.9
+(the momentum step's GEMM: a beta other than 0 or 1 can cost a pass of its own).
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ import json, sys
 import fastbp as fb
 from fastbp.bench.timing import gemm_at_shapes, measure_matmul_peak
 from fastbp.kernels import blas
+from fastbp.bench.timing import weight_gradient_by_beta
 lib = blas.active()
 out = {"library": lib.describe(), "workloads": {}}
 for name, (sizes, batch) in json.loads(sys.argv[1]).items():
     out["workloads"][name] = gemm_at_shapes(sizes, batch, "float32")
+    out["workloads"][name]["weight_gradient1_us_by_beta"] = weight_gradient_by_beta(sizes[0], sizes[1], batch)
 peak = measure_matmul_peak("float32", 4096, backend=fb.backend._create("numba"), repeat=3)
 out["sgemm_4096_gflops"] = peak["gflops_best"]
 print(json.dumps(out))
@@ -75,6 +79,9 @@ def main(argv=None) -> int:
     for w in WORKLOADS:
         best = {lib: min(r["workloads"][w]["step_gemm_us"] for r in runs[lib]) for lib in libraries}
         summary[w] = {"step_gemm_us_best": best}
+        summary[w]["weight_gradient1_us_by_beta_best"] = {
+            lib: {b: min(r["workloads"][w]["weight_gradient1_us_by_beta"][b] for r in runs[lib])
+                  for b in runs[lib][0]["workloads"][w]["weight_gradient1_us_by_beta"]} for lib in libraries}
         if "mkl" in best:
             summary[w]["openblas_over_mkl"] = best["openblas"] / best["mkl"]
     summary["sgemm_4096_gflops_best"] = {lib: max(r["sgemm_4096_gflops"] for r in runs[lib]) for lib in libraries}

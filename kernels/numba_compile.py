@@ -23,7 +23,7 @@ import sys
 # the parts a helper takes for each entry point: (function name, argument kinds)
 PARTS = {
     "batch": (
-        ("batch_backward", ("i1", "i", "f1", "f1", "f2", "f1", "i1", "i1", "i1", "i2", "f", "f", "f1")),
+        ("batch_backward", ("i1", "i", "f1", "f1", "f2", "f1", "i1", "i1", "i1", "i2", "f", "f", "f", "f1")),
         ("_apply_update", ("d1", "i1", "i1", "f1", "f1", "f2", "i")),
     ),
 }

@@ -1257,12 +1257,12 @@ def gemm(trans_a, trans_b, alpha, A, B, beta, C):
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
-def gemm_loop(trans_a, trans_b, A, B, C, reps):
-    """``C = op(A) op(B)`` ``reps`` times back to back: one product alone, as the epochs call it
-    (the benchmarks' GEMM-only time of a step)."""
-    one, zero = type(C[0, 0])(1.0), type(C[0, 0])(0.0)
+def gemm_loop(trans_a, trans_b, A, B, beta, C, reps):
+    """``C = op(A) op(B) + beta C`` ``reps`` times back to back: one product alone, as the epochs
+    call it (the benchmarks' GEMM-only time of a step)."""
+    one = type(C[0, 0])(1.0)
     for _ in range(reps):
-        gemm(trans_a, trans_b, one, A, B, zero, C)
+        gemm(trans_a, trans_b, one, A, B, beta, C)
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
@@ -1367,38 +1367,53 @@ def batch_forward(sizes, hidden, output, loss, params, Xb, Yb, work, plan, w_off
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
-def _momentum_step(D, A, P, G, M, wo, bo, plan, mom, lr):
+def _velocity_pass(P, G, M, lo, hi, beta, keep, lr):
+    """``m = M beta + G``, ``p = p - m lr``, ``M = m keep`` over ``[lo, hi)``: ``heavy_ball``
+    where ``beta`` = mom and ``keep`` = 1; ``keep`` = mom stores the velocity pre-scaled for a
+    next step that adds its gradient with ``beta`` = 1 (``_momentum_step``)."""
+    for i in range(_U(lo), _U(hi)):
+        m = M[i] * beta + G[i]
+        P[i] = P[i] - m * lr
+        M[i] = m * keep
+
+
+@njit(cache=True, error_model="numpy", fastmath=False)
+def _momentum_step(D, A, P, G, M, wo, bo, plan, beta, keep, lr):
     """One layer's momentum step with the weight gradient formed in the GEMM that updates the
-    velocity, ``M_W = mom M_W + D^T A`` (beta = mom: no gradient buffer written and read back
-    for W), then ``p = p - m lr`` over W and b. Same arithmetic as ``heavy_ball`` where the
-    GEMM sums each entry in one pass (OpenBLAS scales C by beta first, then adds the product).
-    Products small enough for hand loops go the unfused way. BLAS worker threads may run
-    without this thread's denormal flushing, so the pass after reads each velocity as
-    ``m + 0`` here (flushed: a denormal m becomes 0, as FTZ makes it in ``heavy_ball``)."""
+    velocity, ``M_W = beta M_W + D^T A`` (no gradient buffer written and read back for W), then
+    ``p = p - m lr`` over W and b, storing ``M = m keep``.
+
+    A BLAS GEMM with beta other than 0 or 1 costs a separate scaling pass over C (MKL: 2x the
+    product's time at 784-256-10, benchmarks/results/momentum-beta-xeon-spr-20261202.json), so
+    between the steps of an epoch the velocity is kept pre-scaled (``keep`` = mom, then
+    ``beta`` = 1): the same products ``mom m`` rounded once, in the pass that reads m anyway.
+    The first step of an epoch takes ``beta`` = mom, its last ``keep`` = 1, so the state between
+    calls is the plain velocity. Products small enough for hand loops go the unfused way.
+    BLAS worker threads may run without this thread's denormal flushing; the pass reads each
+    velocity in this (flushing) thread, so a denormal m becomes 0, as in ``heavy_ball``."""
     n, n_out = D.shape
     n_in = A.shape[1]
     hi = bo + n_out
     if n * n_in * n_out < plan[BACKWARD_MIN]:
         _weight_step(D, A, G, wo, bo, G[wo:bo].reshape((n_out, n_in)), plan, type(lr)(0.0))
-        heavy_ball(P, G, M, wo, hi, mom, lr)
+        _velocity_pass(P, G, M, wo, hi, beta, keep, lr)
         return
-    gemm(True, False, type(lr)(1.0), D, A, mom, M[wo:bo].reshape((n_out, n_in)))
+    gemm(True, False, type(lr)(1.0), D, A, beta, M[wo:bo].reshape((n_out, n_in)))
     bias_grad(D, G[bo:hi], type(lr)(1.0), np.bool_(False))
     for j in range(_U(bo), _U(hi)):
-        M[j] = M[j] * mom + G[j]
-    zero = type(lr)(0.0)
+        M[j] = M[j] * beta + G[j]
     for i in range(_U(wo), _U(hi)):
-        m = M[i] + zero
-        M[i] = m
+        m = M[i]
         P[i] = P[i] - m * lr
+        M[i] = m * keep
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
-def batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, bases, neg_lr, mom, M):
+def batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, bases, neg_lr, beta, keep, M):
     """After ``batch_forward``: per layer from the top, ``D_prev = phi'(Z) (.) (D W)`` (with W
     before its update), then ``dW = D^T A``, ``db = sum D`` into ``grads`` -- or the step
     itself, for plain SGD (``neg_lr = -lr``, else 0) into ``params`` (``_weight_step``), for
-    momentum without weight decay, l2 or Nesterov (``mom`` != 0, ``M`` its velocity) through
+    momentum without weight decay, l2 or Nesterov (``beta`` != 0, ``M`` its velocity) through
     ``_momentum_step``."""
     n = Xb.shape[0]
     lr = -neg_lr
@@ -1410,8 +1425,8 @@ def batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, b
             D_prev = _view(work, bases, sizes, n, 2, l - 1)
             _input_delta(D, params, w_off[l], W, D_prev, plan)
             activation_backward(hidden, _view(work, bases, sizes, n, 0, l - 1), a_prev, D_prev)
-        if mom != 0:
-            _momentum_step(D, a_prev, params, grads, M, w_off[l], b_off[l], plan, mom, lr)
+        if beta != 0:
+            _momentum_step(D, a_prev, params, grads, M, w_off[l], b_off[l], plan, beta, keep, lr)
             continue
         target = params if neg_lr != 0 else grads
         _weight_step(D, a_prev, target, w_off[l], b_off[l], target[w_off[l]:b_off[l]].reshape(W.shape), plan, neg_lr)
@@ -1422,7 +1437,7 @@ def batch_gradients(sizes, hidden, output, loss, params, grads, Xb, Yb, work, pl
     """Gradients of the mean cost over the batch ``Xb`` into ``grads``; returns the summed cost."""
     total = batch_forward(sizes, hidden, output, loss, params, Xb, Yb, work, plan, w_off, b_off, bases)
     zero = type(params[0])(0.0)
-    batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, bases, zero, zero, params[:0])
+    batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, bases, zero, zero, zero, params[:0])
     return total
 
 
@@ -1461,13 +1476,19 @@ def _batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_
             Xb, Yb = X[start:stop], Y[start:stop]
         cost = batch_forward(sizes, hidden, output, loss, params, Xb, Yb, work, plan, w_off, b_off, bases)
         if not np.isfinite(cost):
+            if heavy and start > 0:  # the plain velocity again (to an ulp; fit restores its snapshot anyway)
+                for i in range(M.size):
+                    M[i] = M[i] / mom
             return total, start, correct
         total += cost
         if loss != MSE:
             A = _view(work, bases, sizes, stop - start, 1, L).reshape((stop - start) * k)
             for r in range(stop - start):
                 correct += _row_correct(loss, A, r * k, Yb, r)
-        batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, bases, neg_lr, mom, M)
+        # momentum: the velocity stays pre-scaled between this epoch's steps (_momentum_step)
+        beta = mom if start == 0 or not heavy else one
+        keep = mom if heavy and stop < n else one
+        batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, bases, neg_lr, beta, keep, M)
         if plain or heavy:
             step[0] += 1
         else:

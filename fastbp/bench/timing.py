@@ -114,9 +114,9 @@ def _compiled_products() -> dict[str, Callable] | None:
     except Exception:  # no numba, or no usable BLAS for it
         return None
     _COMPILED.update(
-        forward=lambda a, w, z, reps: K.gemm_loop(False, True, a, w, z, reps),  # Z = A W^T
-        weight_gradient=lambda d, a, g, reps: K.gemm_loop(True, False, d, a, g, reps),  # G = D^T A
-        input_gradient=lambda d, w, p, reps: K.gemm_loop(False, False, d, w, p, reps),  # P = D W
+        forward=lambda a, w, z, reps: K.gemm_loop(False, True, a, w, z.dtype.type(0), z, reps),  # Z = A W^T
+        weight_gradient=lambda d, a, g, reps, beta=0.0: K.gemm_loop(True, False, d, a, g.dtype.type(beta), g, reps),
+        input_gradient=lambda d, w, p, reps: K.gemm_loop(False, False, d, w, p.dtype.type(0), p, reps),  # P = D W
     )
     return _COMPILED
 
@@ -176,6 +176,30 @@ def gemm_at_shapes(sizes, batch: int, dtype: str = "float32", *, compiled: bool 
                           "us": t * 1e6, "gflops": work / t / 1e9})
     return {"how": f"{how}, {dtype}", "batch": batch, "step_gemm_us": total * 1e6, "flops_per_step": flops,
             "gflops": flops / total / 1e9, "samples_per_s_ceiling": batch / total, "products": parts}
+
+
+def weight_gradient_by_beta(fan_in: int, fan_out: int, batch: int, betas=(0.0, 1.0, 0.9),
+                            min_time: float = 0.02, repeat: int = 5) -> dict[str, float] | None:
+    """The weight gradient ``G = D^T A + beta G`` (float32, Numba's BLAS) in microseconds per
+    ``beta``, alternating: the momentum step adds its gradient to the velocity with beta = 1
+    (kernels/numba_kernels.py ``_momentum_step``) because another beta can cost a pass of its own."""
+    products = _compiled_products()
+    if products is None:
+        return None
+    rng = np.random.default_rng(0)
+    D = rng.random((batch, fan_out), dtype=np.float32)
+    A = rng.random((batch, fan_in), dtype=np.float32)
+    G = rng.random((fan_out, fan_in), dtype=np.float32) * np.float32(1e-3)
+    fn = products["weight_gradient"]
+    times: dict[str, list[float]] = {str(b): [] for b in betas}
+    for b in betas:
+        fn(D, A, G, 2, b)  # compile, warm the pool
+    reps = max(3, int(min_time / max(time_once(lambda: fn(D, A, G, 1, 0.0)), 1e-7)))
+    for _ in range(repeat):
+        for b in betas:
+            G[...] = np.float32(1e-3)  # beta = 1 grows G; start each region alike (no denormals, no overflow)
+            times[str(b)].append(time_once(lambda: fn(D, A, G, reps, b)) / reps)
+    return {b: float(np.median(t)) * 1e6 for b, t in times.items()}
 
 
 def _mnk(name: str, batch: int, fan_in: int, fan_out: int) -> list[int]:
