@@ -5,7 +5,9 @@ into caller-owned arrays. Fast-math is explicit on every function (``fastmath=Fa
 it is a dot-product loop): a Numba function that leaves it unset inherits its caller's, and
 being compiled first from a fast-math caller (the per-example small kernels) once made the
 plain SGD step use FMA, 1 ulp off NumPy's, depending on which kernel a process compiled first.
-An ``inline="always"`` function is compiled with its caller's flags whatever it states.
+An ``inline="always"`` function is compiled with its caller's flags whatever it states, so
+arithmetic that must round one way wherever it lands is written with operations fast-math
+cannot touch: ``_fma`` (the float32 exp) and ``_mul``/``_add``/``_sub``/``_div`` (the update rules).
 ``error_model="numpy"`` because Python's model puts a ZeroDivisionError check on every float
 division, and that branch kept LLVM from vectorizing any loop that divides: Adam's update
 (``m / (sqrt(v) ... + eps)``) ran 12-25x slower with it (203k parameters: 0.5-1.1 ms against
@@ -629,20 +631,46 @@ def rule_scalars_at(hp, b1_t, b2_t, one):
             T(b2), T(1.0 - b2), T(hp[HP_EPS]), T(step_size), T(inv_bc2))
 
 
+def _rounded_op(opname, doc):
+    @intrinsic
+    def op(typingctx, a, b):
+        if not (isinstance(a, types.Float) and a == b):
+            return None
+
+        def codegen(context, builder, signature, args):
+            # a flag set here (nsz: the sign of a zero result may differ) makes Numba's
+            # fast-math pass leave the instruction alone: no contract, no reassoc on it
+            return getattr(builder, opname)(args[0], args[1], flags=("nsz",))
+
+        return a(a, b), codegen
+
+    op.__doc__ = doc
+    return op
+
+
+# The update rules' arithmetic, each operation rounded on its own even where the rule is
+# inlined into a fast-math kernel (the per-example ``rank1_step``): there a plain ``m * mom + g``
+# would be contracted into an FMA and round unlike kernels/numpy.py's update.
+_mul = _rounded_op("fmul", "``a * b``, never fused or reassociated")
+_add = _rounded_op("fadd", "``a + b``, never fused or reassociated")
+_sub = _rounded_op("fsub", "``a - b``, never fused or reassociated")
+_div = _rounded_op("fdiv", "``a / b``, never fused or reassociated")
+
+
 @njit(cache=True, error_model="numpy", fastmath=False, inline="always")
 def _momentum_step_of(p, m, g, mom, lr):
     """Heavy-ball momentum for one parameter: the new ``(p, m)``."""
-    m = m * mom + g
-    return p - m * lr, m
+    m = _add(_mul(m, mom), g)
+    return _sub(p, _mul(m, lr)), m
 
 
 @njit(cache=True, error_model="numpy", fastmath=False, inline="always")
 def _adam_step_of(p, m, v, g, b1, ob1, b2, ob2, eps, step_size, inv_bc2):
     """Adam for one parameter (bias corrections folded into ``step_size`` and ``inv_bc2``):
     the new ``(p, m, v)``."""
-    m = m * b1 + g * ob1
-    v = v * b2 + (g * g) * ob2
-    return p - (m / (np.sqrt(v) * inv_bc2 + eps)) * step_size, m, v
+    m = _add(_mul(m, b1), _mul(g, ob1))
+    v = _add(_mul(v, b2), _mul(_mul(g, g), ob2))
+    return _sub(p, _mul(_div(m, _add(_mul(np.sqrt(v), inv_bc2), eps)), step_size)), m, v
 
 
 @njit(cache=True, error_model="numpy", fastmath=False, inline="always")
@@ -653,19 +681,19 @@ def _rule_step(c, p, g, m, v, l2):
     this function's branches they vectorize."""
     kind, lr, mom, nesterov, decay, shrink, b1, ob1, b2, ob2, eps, step_size, inv_bc2 = c
     if decay != 0:
-        g = g + p * decay
+        g = _add(g, _mul(p, decay))
     if l2 != 0:
-        g = g + p * l2
+        g = _add(g, _mul(p, l2))
     if kind == SGD:
         if mom != 0 and nesterov:
-            m = m * mom + g
-            return p - (g + m * mom) * lr, m, v
+            m = _add(_mul(m, mom), g)
+            return _sub(p, _mul(_add(g, _mul(m, mom)), lr)), m, v
         if mom != 0:
             p, m = _momentum_step_of(p, m, g, mom, lr)
             return p, m, v
-        return p - g * lr, m, v
+        return _sub(p, _mul(g, lr)), m, v
     if kind == ADAMW:
-        p = p * shrink
+        p = _mul(p, shrink)
     p, m, v = _adam_step_of(p, m, v, g, b1, ob1, b2, ob2, eps, step_size, inv_bc2)
     return p, m, v
 
@@ -1068,6 +1096,9 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step
     zero = one - one
     kind = int(hp[HP_KIND])
     plain = kind == SGD and hp[HP_MOMENTUM] == 0 and hp[HP_WEIGHT_DECAY] == 0 and hp[HP_L2] == 0
+    undecayed = hp[HP_WEIGHT_DECAY] == 0 and hp[HP_L2] == 0
+    heavy = kind == SGD and hp[HP_MOMENTUM] != 0 and hp[HP_NESTEROV] == 0 and undecayed
+    adam = kind == ADAM and undecayed
     neg_lr = -one * type(one)(hp[HP_LR])
     l2 = type(one)(hp[HP_L2])  # rows = 1
     b1_t, b2_t = hp[HP_BETA1] ** step[0], hp[HP_BETA2] ** step[0]
@@ -1145,7 +1176,17 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step
                 for k in range(n_in):
                     G[base + k] = d * Xf[xo + k]
                 G[b1 + j] = d
-            if l2 == 0:  # (inlined this call saved ~9 ns of 118 on 2-8-1 but doubled the compile)
+            if heavy:  # the common rules' loops inline: 2-8-1 momentum and Adam 5-20% faster than a call
+                # (benchmarks/results/exact-update-ab-xeon-spr-20261202.json); _mul etc. keep their rounding
+                M = S[0]
+                for i in range(n_params):
+                    P[i], M[i] = _momentum_step_of(P[i], M[i], G[i], c[2], c[1])
+            elif adam:
+                M, V = S[0], S[1]
+                for i in range(n_params):
+                    P[i], M[i], V[i] = _adam_step_of(P[i], M[i], V[i], G[i], c[6], c[7], c[8], c[9], c[10], c[11],
+                                                     c[12])
+            elif l2 == 0:  # (all of _update_range inlined doubled the compile)
                 _update_range(c, P, G, S, np.int64(0), np.int64(n_params), zero)
             else:  # l2 reaches the weights only (scikit-learn's alpha)
                 _update_range(c, P, G, S, np.int64(w1), np.int64(b1), l2)

@@ -895,3 +895,32 @@ def test_every_kernel_sets_fastmath_itself():
     unset = sorted(name for name, f in kernels.items() if "fastmath" not in f.targetoptions)
     assert unset == []
     assert kernels["apply_update"].targetoptions["fastmath"] in (False, set())
+
+
+@pytest.mark.parametrize("rule", [UpdateRule("sgd", lr=0.05, momentum=0.9), RULE_CASES[1], RULE_CASES[2],
+                                  UpdateRule("adam", lr=0.01), RULE_CASES[3], RULE_CASES[4]],
+                         ids=["momentum", "nesterov-decay", "momentum-l2", "adam", "adam-decay", "adamw"])
+def test_the_fused_per_example_update_rounds_as_the_flat_update(rule):
+    """rank1_step (fast-math: the rule inlined into a dot-product kernel) against the outer
+    product into a gradient buffer and then _update_range (no fast-math), float32, bit for bit:
+    the rules' operations are ones fast-math cannot fuse into FMAs (numba_kernels._mul etc.)."""
+    from fastbp.kernels import numba_kernels as K
+
+    rng = np.random.default_rng(21)
+    n_out, n_in = 7, 13
+    n = n_out * n_in + n_out
+    P = rng.standard_normal(n).astype(np.float32)
+    S = (rng.standard_normal((rule.n_buffers, n)) * 0.1).astype(np.float32)
+    S[1:] = np.abs(S[1:])  # Adam's second moment
+    d, x = rng.standard_normal(n_out).astype(np.float32), rng.standard_normal(n_in).astype(np.float32)
+    c = K.rule_scalars(rule.hyper(), 4, np.float32(1.0))  # back in Python its floats are float64 again
+    c = tuple(np.float32(v) if isinstance(v, float) else v for v in c)
+    l2 = np.float32(rule.l2)
+    fused, fused_state = P.copy(), S.copy()
+    K.rank1_step(c, fused, fused_state, 0, n_out * n_in, n_out, n_in, d, 0, x, 0, l2)
+    G = np.concatenate([(d[:, None] * x[None, :]).ravel(), d])  # each product rounded once, as there
+    flat, flat_state = P.copy(), S.copy()
+    K._update_range(c, flat, G, flat_state, 0, n_out * n_in, l2)
+    K._update_range(c, flat, G, flat_state, n_out * n_in, n, np.float32(0.0))
+    np.testing.assert_array_equal(fused, flat)
+    np.testing.assert_array_equal(fused_state, flat_state)
