@@ -328,6 +328,18 @@ def contended(name, cfg, libs, specs, X, Y, args, guard: Guard, quiet: dict) -> 
     return out
 
 
+def _source_commit() -> dict:
+    """The git commit measured, and whether the tree had uncommitted changes (None outside git)."""
+    def git(*cmd):
+        try:
+            done = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
 # ---------------------------------------------------------------------------- digits against scikit-learn
 DIGITS = {  # per optimizer: the bar of its issue (sgd: issue 4; adam: scikit-learn's defaults, issue 9)
     "sgd": dict(batch=32, lr=0.1, epochs=60, quick_epochs=20, bar=8.0, accuracy_tolerance=0.01),
@@ -561,7 +573,8 @@ def main(argv=None) -> int:
     guard = Guard(enabled=not args.quick)
 
     record = {"schema": "fastbp-cpu-peers/2", "started_utc": stamp, "command": [sys.executable] + sys.argv,
-              "args": vars(args) | {"out": str(out)}, "load": [machine.load_snapshot("start")]}
+              "args": vars(args) | {"out": str(out)}, "source": _source_commit(),
+              "load": [machine.load_snapshot("start")]}
     backend = fb.set_backend(args.backend)
     if args.threads is not None:
         numba = sys.modules.get("numba")
