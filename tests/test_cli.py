@@ -401,6 +401,20 @@ def test_peers_cpu_script_records_every_repeat_and_the_machine(tmp_path):
     for key, frac in cont["fraction_of_quiet"].items():
         assert frac == pytest.approx(cont["samples_per_s"][key]["median"] / rec["samples_per_s"][key]["median"])
     assert set(cont["fraction_of_quiet"]) == expected
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:  # the record names the code it measured
+        assert record["source"]["commit"] == head.stdout.strip() and isinstance(record["source"]["dirty"], bool)
+
+    # the README's table, rendered from this record: one row, the sklearn-only columns as "-"
+    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers_table.py"), str(out)],
+                           capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    row = next(line for line in table.stdout.splitlines() if line.startswith("| 2-8-1 sigmoid log_loss, batch 1 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    rates = [rec["comparison"][o]["fastbp_samples_per_s"] for o in ("sgd", "adam")]
+    assert cells[1] == " / ".join(f"{r / 1e6:.2f}M" if r >= 1e6 else f"{r / 1e3:.1f}k" for r in rates)
+    assert cells[2].count("/") == 1 and cells[5] == "-"
+    assert "digits" not in table.stdout and "usable CPUs" in table.stdout
 
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers_cpu.py"), "--workloads", "nope"],
                          capture_output=True, text=True, timeout=120)
