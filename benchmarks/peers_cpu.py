@@ -329,15 +329,19 @@ def contended(name, cfg, libs, specs, X, Y, args, guard: Guard, quiet: dict) -> 
 
 
 def _source_commit() -> dict:
-    """The git commit measured, and whether the tree had uncommitted changes (None outside git)."""
+    """The git commit of the fastbp this process imported (an editable install may be another
+    checkout than this script's), and whether its tracked files had uncommitted changes (None
+    outside git)."""
+    where = Path(fb.__file__).resolve().parent.parent
+
     def git(*cmd):
         try:
-            done = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10)
+            done = subprocess.run(["git", *cmd], cwd=where, capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout.strip() if done.returncode == 0 else None
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status), "path": str(where)}
 
 
 # ---------------------------------------------------------------------------- digits against scikit-learn

@@ -44,15 +44,14 @@ def table(record: dict) -> str:
              f"| busy machine, share of quiet {slash} (PyTorch's) | step / GEMMs alone |",
              "|---|---:|---:|---:|---:|---:|"]
     for key, rec in record["workloads"].items():
-        cmp_ = rec["comparison"]
-        used = [o for o in opts if o in cmp_]
-        rates = " / ".join(_rate(cmp_[o]["fastbp_samples_per_s"]) for o in used)
-        jax = " / ".join(_ratio(cmp_[o]["peers"].get("jax")) for o in used)
-        torch = " / ".join(_ratio(cmp_[o]["peers"].get("torch")) for o in used)
-        busy = " / ".join(_share(rec.get("contended", {}).get("by_optimizer"), o) for o in used)
+        cmp_ = rec.get("comparison", {})  # an optimizer whose fastbp run failed has no entry: "-" in its place
+        rates = " / ".join(_rate(cmp_[o]["fastbp_samples_per_s"]) if o in cmp_ else "-" for o in opts)
+        jax = " / ".join(_ratio(cmp_.get(o, {}).get("peers", {}).get("jax")) for o in opts)
+        torch = " / ".join(_ratio(cmp_.get(o, {}).get("peers", {}).get("torch")) for o in opts)
+        busy = " / ".join(_share(rec.get("contended", {}).get("by_optimizer"), o) for o in opts)
         steps = rec.get("fastbp_step_vs_gemm", {})
-        gemm = " / ".join(f"{steps[o]['step_over_gemm']:.2f}" for o in used if o in steps)
-        gemm = gemm if rec["config"]["batch"] > 1 and gemm else "-"  # batch 1 runs no GEMM
+        gemm = " / ".join(f"{steps[o]['step_over_gemm']:.2f}" if o in steps else "-" for o in opts)
+        gemm = gemm if rec["config"]["batch"] > 1 and steps else "-"  # batch 1 runs no GEMM
         lines.append(f"| {_name(rec['config'])} | {rates} | {jax} | {torch} | {busy} | {gemm} |")
     return "\n".join(lines)
 
@@ -60,13 +59,13 @@ def table(record: dict) -> str:
 def extras(record: dict) -> str:
     out = []
     digits = record.get("digits_vs_sklearn", {})
-    if digits:
+    if digits:  # an entry without a ratio says why ("unavailable": scikit-learn missing)
         out.append("digits vs scikit-learn: " + ", ".join(
-            f"{o} {e['time_ratio_sklearn_over_fastbp']:.1f}x" for o, e in digits.items()))
-    jit = record.get("jit", {})
-    cold = {k.split("/")[0]: v["process_to_first_fit_s"] for k, v in jit.items()
-            if isinstance(v, dict) and k.endswith("/cold_cache")}
-    warm = [v["process_to_first_fit_s"] for k, v in jit.items() if isinstance(v, dict) and k.endswith("/warm_cache")]
+            f"{o} {e['time_ratio_sklearn_over_fastbp']:.1f}x" if "time_ratio_sklearn_over_fastbp" in e
+            else f"{o} - ({e.get('unavailable') or e.get('error') or 'no ratio'})" for o, e in digits.items()))
+    timed = {k: v for k, v in record.get("jit", {}).items() if isinstance(v, dict) and "process_to_first_fit_s" in v}
+    cold = {k.split("/")[0]: v["process_to_first_fit_s"] for k, v in timed.items() if k.endswith("/cold_cache")}
+    warm = [v["process_to_first_fit_s"] for k, v in timed.items() if k.endswith("/warm_cache")]
     if cold:
         out.append("JIT cold, process start to first fit: " + ", ".join(f"{k} {v:.1f} s" for k, v in cold.items())
                    + (f"; warm cache {min(warm):.2f}-{max(warm):.2f} s" if warm else ""))

@@ -245,12 +245,12 @@ def _fma(typingctx, a, b, c):
 @overload(exp_nonpositive)
 def _exp_nonpositive(x):
     # float32: Cephes' expf (range reduction by ln 2 in two parts, a degree-6 polynomial, 2^k
-    # built in the exponent bits), < 1 ulp here, branch-free, so LLVM vectorizes the loops it
-    # sits in; libm's expf is a call per element (no SVML in this Numba). Every multiply-add
-    # is one ``_fma``: the same rounding in a fast-math caller as elsewhere, and half the
-    # latency of a multiply then an add (the exp is on a small net's critical path: 2-8-1 SGD
-    # ~15% faster, benchmarks/results/exp-fma-ab-xeon-spr-20261202.json). float64:
-    # np.exp (libm), unchanged.
+    # built in the exponent bits), within 1.02 ulp of the exact value, branch-free, so LLVM
+    # vectorizes the loops it sits in; libm's expf is a call per element (no SVML in this
+    # Numba). Every multiply-add is one ``_fma``: the same rounding in a fast-math caller as
+    # elsewhere, and half the latency of a multiply then an add (the exp is on a small net's
+    # critical path: 2-8-1 SGD ~15% faster, benchmarks/results/exp-fma-ab-xeon-spr-20261202.json).
+    # float64: np.exp (libm), unchanged.
     if x != types.float32:
         return lambda x: np.exp(x)
 

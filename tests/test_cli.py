@@ -421,6 +421,24 @@ def test_peers_cpu_script_records_every_repeat_and_the_machine(tmp_path):
     assert bad.returncode == 2 and "--workloads 'nope'" in bad.stderr and "tiny_2_8_1_batch1" in bad.stderr
 
 
+def test_peers_table_marks_what_a_record_lacks():
+    """A failed optimizer, digits without scikit-learn, a failed JIT case: "-" in place, columns kept."""
+    spec = importlib.util.spec_from_file_location("peers_table", ROOT / "benchmarks" / "peers_table.py")
+    peers_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peers_table)
+    record = json.loads((ROOT / "benchmarks" / "results" / "cpu-peers-20261203T054145Z.json").read_text())
+    rec = record["workloads"]["minibatch64_784_256_10"]
+    del rec["comparison"]["momentum"], rec["fastbp_step_vs_gemm"]["momentum"]
+    record["digits_vs_sklearn"] = {"sgd": {"unavailable": "scikit-learn is not installed"}}
+    record["jit"]["first_fit_batch_32/cold_cache"] = {"error": "boom"}
+    row = next(r for r in peers_table.table(record).splitlines() if r.startswith("| 784-256-10 relu, batch 64 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "122.7k / - / 76.7k" and cells[2] == "1.21x / - / **0.93x**" and cells[5] == "0.98 / - / 1.57"
+    extras = peers_table.extras(record)
+    assert "sgd - (scikit-learn is not installed)" in extras and "first_fit_batch_32" not in extras
+    assert "first_fit_per_example 11.8 s" in extras and "commit c49626b" in extras
+
+
 def test_info_lists_every_backend():
     proc = fastbp("info")
     assert proc.returncode == 0, proc.stderr
