@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
+
 def _name(cfg: dict) -> str:
     loss = f" {cfg['loss']}" if cfg.get("loss") not in (None, "mse", "cross_entropy") else ""
     return f"{'-'.join(map(str, cfg['sizes']))} {cfg['activation']}{loss}, batch {cfg['batch']}"

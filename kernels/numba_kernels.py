@@ -1095,8 +1095,8 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step
     one = type(P[0])(1.0)
     zero = one - one
     kind = int(hp[HP_KIND])
-    plain = kind == SGD and hp[HP_MOMENTUM] == 0 and hp[HP_WEIGHT_DECAY] == 0 and hp[HP_L2] == 0
     undecayed = hp[HP_WEIGHT_DECAY] == 0 and hp[HP_L2] == 0
+    plain = kind == SGD and hp[HP_MOMENTUM] == 0 and undecayed
     heavy = kind == SGD and hp[HP_MOMENTUM] != 0 and hp[HP_NESTEROV] == 0 and undecayed
     adam = kind == ADAM and undecayed
     neg_lr = -one * type(one)(hp[HP_LR])
@@ -1176,16 +1176,18 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step
                 for k in range(n_in):
                     G[base + k] = d * Xf[xo + k]
                 G[b1 + j] = d
-            if heavy:  # the common rules' loops inline: 2-8-1 momentum and Adam 5-20% faster than a call
-                # (benchmarks/results/exact-update-ab-xeon-spr-20261202.json); _mul etc. keep their rounding
+            # the common rules' loops inline, faster than a call on 2-8-1
+            # (benchmarks/results/exact-update-ab-xeon-spr-20261202.json); _mul etc. keep their rounding
+            _, lr, mom, _, _, _, beta1, obeta1, beta2, obeta2, eps, step_size, inv_bc2 = c
+            if heavy:
                 M = S[0]
                 for i in range(n_params):
-                    P[i], M[i] = _momentum_step_of(P[i], M[i], G[i], c[2], c[1])
+                    P[i], M[i] = _momentum_step_of(P[i], M[i], G[i], mom, lr)
             elif adam:
                 M, V = S[0], S[1]
                 for i in range(n_params):
-                    P[i], M[i], V[i] = _adam_step_of(P[i], M[i], V[i], G[i], c[6], c[7], c[8], c[9], c[10], c[11],
-                                                     c[12])
+                    P[i], M[i], V[i] = _adam_step_of(P[i], M[i], V[i], G[i], beta1, obeta1, beta2, obeta2, eps,
+                                                     step_size, inv_bc2)
             elif l2 == 0:  # (all of _update_range inlined doubled the compile)
                 _update_range(c, P, G, S, np.int64(0), np.int64(n_params), zero)
             else:  # l2 reaches the weights only (scikit-learn's alpha)
