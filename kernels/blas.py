@@ -47,6 +47,10 @@ class BlasLibrary:
     threading: str
     sgemm: int  # addresses of the Fortran-convention ?gemm functions
     dgemm: int
+    # libgomp's GOMP_parallel and omp_get_thread_num where MKL's threads are libgomp's pool
+    # (the kernels' update passes run on that team), else 0
+    omp_parallel: int = 0
+    omp_thread_num: int = 0
 
     def describe(self) -> dict:
         return {"library": self.name, "path": self.path, "reason": self.reason, "threading": self.threading}
@@ -195,10 +199,22 @@ def _mkl(path: str, reason: str) -> BlasLibrary:
         threading = {0: "Intel OpenMP", 1: "sequential", 3: "GNU OpenMP (libgomp)", 4: "TBB"}.get(got, f"layer {got}")
         if want == "sequential":
             threading += " (libgomp not loadable)"
+    omp = (0, 0)
     if "GNU OpenMP" in threading:
         os.register_at_fork(after_in_child=_fork_child_single_thread(lib))
+        omp = _libgomp_team()
     sgemm, dgemm = ctypes.cast(lib.sgemm_, ctypes.c_void_p).value, ctypes.cast(lib.dgemm_, ctypes.c_void_p).value
-    return BlasLibrary("mkl", _library_file(sgemm) or path, reason, threading, sgemm, dgemm)
+    return BlasLibrary("mkl", _library_file(sgemm) or path, reason, threading, sgemm, dgemm, *omp)
+
+
+def _libgomp_team() -> tuple[int, int]:
+    """Addresses of libgomp's GOMP_parallel and omp_get_thread_num ((0, 0) where it lacks them)."""
+    try:
+        gomp = ctypes.CDLL("libgomp.so.1")
+        return (ctypes.cast(gomp.GOMP_parallel, ctypes.c_void_p).value,
+                ctypes.cast(gomp.omp_get_thread_num, ctypes.c_void_p).value)
+    except (OSError, AttributeError):
+        return 0, 0
 
 
 def _fork_child_single_thread(lib):

@@ -289,6 +289,28 @@ class NumbaBackend(Backend):
     # One-hidden-layer nets with at most this many parameters train per example in a kernel
     # compiled for their exact sizes (``_small_kernel``): there the loop overhead is the step.
     SMALL_NET_MAX_PARAMS = 1024
+    # Update passes (the optimizer step over a layer's weights) run on the GEMMs' threads where
+    # MKL's pool is libgomp's (kernels/numba_kernels.py, "update passes on the BLAS threads");
+    # FASTBP_TEAM_PASSES=0 keeps them on the calling thread (same results, bit for bit).
+    TEAM_PASSES = os.environ.get("FASTBP_TEAM_PASSES", "1").strip() != "0"
+
+    def team_description(self) -> str:
+        lib = self.blas_library
+        if not self.TEAM_PASSES:
+            return "on the calling thread (FASTBP_TEAM_PASSES=0)"
+        if not (lib.omp_parallel and lib.omp_thread_num):
+            return (f"on the calling thread: the BLAS is {lib.name} ({lib.threading}), not MKL on libgomp, "
+                    "whose pool they would share")
+        return ("on the BLAS threads, through libgomp's GOMP_parallel (MKL's own pool), for layers of at least "
+                f"{self._k.PARTS_MIN} parameters")
+
+    def team(self, threads: int, dtype) -> np.ndarray:
+        """The update passes' team for ``threads`` threads (``numba_kernels`` TEAM_*): one
+        thread where the BLAS is not MKL on libgomp, or where ``TEAM_PASSES`` is off."""
+        lib = self.blas_library
+        if threads <= 1 or not (self.TEAM_PASSES and lib.omp_parallel and lib.omp_thread_num):
+            return np.array([1, 0, 0, 0], np.int64)
+        return np.array([threads, lib.omp_parallel, lib.omp_thread_num, self._k.pass_callback(dtype)], np.int64)
 
     def __init__(self) -> None:
         from .numpy import NumpyBackend
@@ -408,8 +430,8 @@ class NumbaBackend(Backend):
             "numba": numba.__version__,
             "numpy": np.__version__,
             "scipy": scipy.__version__,
-            "numba_threads": 1,  # every compiled kernel runs on the calling thread
-            "numba_threading_layer": "unused (no parallel kernels)",
+            "numba_threads": 1,  # no parallel=True kernel: Numba's own pool never starts
+            "update_passes": self.team_description(),
             "blas_threads": self._blas.get_num_threads() if self._blas is not None else None,
             "blas_threads_policy": self._threads.describe(),
             "blas": blas,
@@ -417,7 +439,8 @@ class NumbaBackend(Backend):
             "thread_policy": ("BLAS threads chosen per call: as many as the cores other processes leave free "
                               "(set_threads(n) fixes them; a threadpoolctl limit is a ceiling); compiled mini-batch "
                               f"epochs whose largest GEMM is < {self.SMALL_GEMM_MAX} multiply-adds run BLAS on one "
-                              "thread; compiled kernels are single-threaded, so Numba's pool never starts"),
+                              "thread; a mini-batch step's update passes run on as many threads as its GEMMs, "
+                              "where MKL's pool is libgomp's (update_passes)"),
             "cores": _usable_cores(),
             "cpu_name": _host_cpu_name(),
             "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
@@ -521,7 +544,7 @@ class NumbaBackend(Backend):
         """The rule's step over the flat buffers in one compiled pass (``apply_update``)."""
         self._check_update(spec, rule, params, grads, state)
         self._run("apply_update", params.dtype, rule.hyper(), state.step, self._spec(spec)[0], params, grads,
-                  state.buffers, rows)
+                  state.buffers, rows, self.team(self._threads.decide(), params.dtype))
 
     def _check_update(self, spec, rule, params, grads, state) -> None:
         """Compiled updates index raw memory: mismatched buffers are refused, never written past."""
@@ -638,6 +661,7 @@ class NumbaBackend(Backend):
             threads = self._threads.decide()
             if largest < self.SMALL_GEMM_MAX and self._threads.fixed is None:
                 threads = 1  # short GEMMs: a second thread costs more than it saves
+            plan = np.concatenate([plan, self.team(threads, dt)])
             previous = self._threads.run_with(threads)
             try:
                 total, done, correct = self._run("batch_epoch", dt, sizes, hidden, output, loss, params, grads, X,
@@ -685,6 +709,8 @@ class NumbaBackend(Backend):
                 for bs, strategy in ((1, "vectorized"), (2, "loop"), (2, "vectorized")):
                     self.train_epoch(spec, params, grads, X, Y, bs, rule, state, strategy)
                 self.update(spec, rule, params, grads, state, n)
+        if self.team(2, dt)[0] > 1:  # the update passes' callback (a layer this small never starts a team)
+            self._k.pass_callback(dt)
         small = np.ones((2, 3), dt)
         W = rng.standard_normal((3, 3)).astype(dt)
         for name in ("relu", "softmax"):

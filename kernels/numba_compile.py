@@ -24,7 +24,7 @@ import sys
 PARTS = {
     "batch": (
         ("batch_backward", ("i1", "i", "f1", "f1", "f2", "f1", "i1", "i1", "i1", "i2", "f", "f", "f", "f1")),
-        ("_apply_update", ("d1", "i1", "i1", "f1", "f1", "f2", "i")),
+        ("_apply_update", ("d1", "i1", "i1", "f1", "f1", "f2", "i", "i1")),
     ),
 }
 DISABLE_VAR = "FASTBP_COMPILE_HELPER"  # "0" keeps every compile in the calling process

@@ -1,7 +1,8 @@
 """The Numba-compiled kernels behind ``kernels/numba.py``; importing this module imports numba.
 
-Everything here is ``@njit(cache=True, error_model="numpy")``, single-threaded, and writes
-into caller-owned arrays. Fast-math is explicit on every function (``fastmath=False`` unless
+Everything here is ``@njit(cache=True, error_model="numpy")`` and writes into caller-owned
+arrays, on the calling thread, except the update passes a mini-batch step may split among
+MKL's threads ("update passes on the BLAS threads"). Fast-math is explicit on every function (``fastmath=False`` unless
 it is a dot-product loop): a Numba function that leaves it unset inherits its caller's, and
 being compiled first from a fast-math caller (the per-example small kernels) once made the
 plain SGD step use FMA, 1 ulp off NumPy's, depending on which kernel a process compiled first.
@@ -44,7 +45,7 @@ import platform
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
@@ -707,6 +708,15 @@ def heavy_ball(P, G, M, lo, hi, mom, lr):
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
+def adam_range(P, G, M, V, lo, hi, adam):
+    """Adam without decay over ``[lo, hi)`` (``_adam_step_of``; ``adam`` = the rule scalars from
+    b1 on), as a branch-free loop that vectorizes."""
+    b1, ob1, b2, ob2, eps, step_size, inv_bc2 = adam
+    for i in range(_U(lo), _U(hi)):
+        P[i], M[i], V[i] = _adam_step_of(P[i], M[i], V[i], G[i], b1, ob1, b2, ob2, eps, step_size, inv_bc2)
+
+
+@njit(cache=True, error_model="numpy", fastmath=False)
 def _update_range(c, P, G, S, lo, hi, l2):
     kind, mom = c[0], c[2]
     zero = type(l2)(0.0)
@@ -718,10 +728,7 @@ def _update_range(c, P, G, S, lo, hi, l2):
     elif kind == SGD and plain and not c[3]:  # momentum: _rule_step's arithmetic, in its order
         heavy_ball(P, G, S[0], lo, hi, mom, c[1])
     elif kind == ADAM and plain:
-        M, V = S[0], S[1]
-        b1, ob1, b2, ob2, eps, step_size, inv_bc2 = c[6], c[7], c[8], c[9], c[10], c[11], c[12]
-        for i in range(lo, hi):
-            P[i], M[i], V[i] = _adam_step_of(P[i], M[i], V[i], G[i], b1, ob1, b2, ob2, eps, step_size, inv_bc2)
+        adam_range(P, G, S[0], S[1], lo, hi, c[6:])
     elif kind == SGD:
         M = S[0]
         for i in range(lo, hi):
@@ -732,24 +739,183 @@ def _update_range(c, P, G, S, lo, hi, l2):
             P[i], M[i], V[i] = _rule_step(c, P[i], G[i], M[i], V[i], l2)
 
 
+# ============================================================ update passes on the BLAS threads
+# An update pass streams every parameter and its state once per step (at 784-256-10, batch
+# 64: P, M and V are 0.8 MB each); on one core the momentum pass took ~330 of a step's
+# ~850 us after its GEMMs had pushed those arrays out of L2
+# (benchmarks/results/momentum-pass-microbench-xeon-spr-20261203.json). Split into one
+# contiguous part per thread it runs on both cores, as XLA runs its fused update. The team is
+# MKL's own OpenMP pool: the kernels call libgomp's GOMP_parallel (through its address, a
+# runtime value, so cached machine code does not link libgomp) with a C callback
+# (``pass_callback``) that runs its part of the pass. Not Numba's parallel=True: a cached
+# function calling a parallel one segfaults when loaded from the cache (numba#8578, seen here
+# too), and its gufunc caching races across processes (numba#10128). Each part flushes
+# denormals itself (workers do not inherit the caller's MXCSR), so a threaded pass rounds
+# exactly as the one-thread pass. ``team`` = (threads, GOMP_parallel, omp_get_thread_num, the
+# dtype's callback): threads 1 (or no libgomp) runs the pass here. Only the common rules'
+# passes go to the team (momentum and Adam without decay): the callback stays a small,
+# quick compile.
+TEAM_THREADS, TEAM_PARALLEL, TEAM_THREAD_NUM, TEAM_CALLBACK = range(4)
+TEAM_SIZE = 4
+PARTS_MIN = 1 << 15  # parameters: a team costs a few us to start and join
+PASS_ALIGN = 16  # part boundaries on 64-byte lines: no cache line written by two threads
+# the block a pass hands its callback: int64 slots, the task's scalars as float64 bits
+B_TASK, B_THREAD_NUM, B_PARTS, B_LO, B_HI, B_N, B_P, B_G, B_M, B_V, B_SCALARS = range(11)
+BLOCK = B_SCALARS + 7
+# the passes a team runs: _scaled_velocity_pass (scalars lr, keep), heavy_ball (mom, lr) and
+# adam_range (b1 .. inv_bc2); every other rule's pass stays on the calling thread
+TASK_SCALED_VELOCITY, TASK_HEAVY_BALL, TASK_ADAM = 1, 2, 3
+
+
+@intrinsic
+def _omp_parallel(typingctx, fn, callback, data, threads):
+    """``GOMP_parallel(callback, data, threads, 0)`` with the function at address ``fn``."""
+    sig = types.void(types.int64, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        cb_ty = ir.FunctionType(ir.VoidType(), [i8p])
+        fn_ty = ir.FunctionType(ir.VoidType(), [cb_ty.as_pointer(), i8p, i32, i32])
+        builder.call(builder.inttoptr(args[0], fn_ty.as_pointer()),
+                     [builder.inttoptr(args[1], cb_ty.as_pointer()), builder.inttoptr(args[2], i8p),
+                      builder.trunc(args[3], i32), ir.Constant(i32, 0)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _call_int(typingctx, fn):
+    """The ``int`` returned by the no-argument C function at address ``fn`` (omp_get_thread_num)."""
+    def codegen(context, builder, signature, args):
+        fn_ty = ir.FunctionType(ir.IntType(32), [])
+        return builder.sext(builder.call(builder.inttoptr(args[0], fn_ty.as_pointer()), []), ir.IntType(64))
+
+    return types.int64(types.int64), codegen
+
+
+@intrinsic
+def _pointer_at(typingctx, address, like):
+    """``address`` as a pointer to ``like``'s type (a scalar of the dtype wanted)."""
+    if not isinstance(like, types.Float):
+        return None
+    ptr = types.CPointer(like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+    return ptr(types.int64, like), codegen
+
+
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
+def _part(lo, hi, t, parts):
+    """Part ``t`` of ``parts`` of ``[lo, hi)``."""
+    n = hi - lo
+    a = lo if t == 0 else lo + (n * t // parts) // PASS_ALIGN * PASS_ALIGN
+    b = hi if t == parts - 1 else lo + (n * (t + 1) // parts) // PASS_ALIGN * PASS_ALIGN
+    return a, b
+
+
 @njit(cache=True, error_model="numpy", fastmath=False)
-def _apply_update(hp, step, sizes, params, grads, state, rows):
-    """One optimizer step over the flat buffers, layer by layer (``l2`` reaches weights only);
-    advances ``step[0]``."""
+def _scaled_velocity_pass(P, M, lo, hi, lr, keep):
+    """``p = p - m lr``, ``M = m keep`` over ``[lo, hi)`` (``_momentum_step``)."""
+    for i in range(_U(lo), _U(hi)):
+        m = M[i]
+        P[i] = P[i] - m * lr
+        M[i] = m * keep
+
+
+@njit(cache=True, error_model="numpy", fastmath=False)
+def _run_part(block, like):
+    """This thread's part of the pass ``block`` describes (the callback's body)."""
+    old = flush_denormals()
+    a, b = _part(block[B_LO], block[B_HI], _call_int(block[B_THREAD_NUM]), block[B_PARTS])
+    f = carray(_pointer_at(block.ctypes.data, np.float64(0.0)), (BLOCK,))[B_SCALARS:]
+    T = type(like)
+    n = block[B_N]
+    P, M = carray(_pointer_at(block[B_P], like), (n,)), carray(_pointer_at(block[B_M], like), (n,))
+    task = block[B_TASK]
+    if task == TASK_SCALED_VELOCITY:
+        _scaled_velocity_pass(P, M, a, b, T(f[0]), T(f[1]))
+    elif task == TASK_HEAVY_BALL:
+        heavy_ball(P, carray(_pointer_at(block[B_G], like), (n,)), M, a, b, T(f[0]), T(f[1]))
+    elif task == TASK_ADAM:
+        adam_range(P, carray(_pointer_at(block[B_G], like), (n,)), M, carray(_pointer_at(block[B_V], like), (n,)),
+                   a, b, (T(f[0]), T(f[1]), T(f[2]), T(f[3]), T(f[4]), T(f[5]), T(f[6])))
+    restore_denormals(old)
+
+
+def _callback_float32(data):
+    _run_part(carray(data, (BLOCK,), np.int64), np.float32(0.0))
+
+
+def _callback_float64(data):
+    _run_part(carray(data, (BLOCK,), np.int64), np.float64(0.0))
+
+
+def pass_callback(dtype) -> int:
+    """Address of the C callback (``void (*)(void *)``) a team runs for ``dtype``'s passes;
+    compiled on first use, cached on disk."""
+    name = np.dtype(dtype).name
+    if name not in _CALLBACKS:
+        from numba import cfunc
+
+        py = _callback_float32 if name == "float32" else _callback_float64
+        _CALLBACKS[name] = cfunc(types.void(types.voidptr), cache=True, error_model="numpy", fastmath=False)(py)
+    return _CALLBACKS[name].address
+
+
+_CALLBACKS: dict = {}
+
+
+@njit(cache=True, error_model="numpy", fastmath=False)
+def _team_pass(team, task, P, G, M, V, lo, hi, scalars):
+    """``task`` over ``[lo, hi)`` split among ``team``'s threads (one part each, this one's
+    included): the block the callback reads, then ``GOMP_parallel``. ``scalars``: 7 of the
+    dtype, the task's first."""
+    block = np.empty(BLOCK, np.int64)
+    floats = block.view(np.float64)
+    block[B_TASK], block[B_THREAD_NUM], block[B_PARTS] = task, team[TEAM_THREAD_NUM], team[TEAM_THREADS]
+    block[B_LO], block[B_HI], block[B_N] = lo, hi, P.size
+    block[B_P], block[B_G], block[B_M], block[B_V] = P.ctypes.data, G.ctypes.data, M.ctypes.data, V.ctypes.data
+    for i in range(7):
+        floats[B_SCALARS + i] = scalars[i]
+    _omp_parallel(team[TEAM_PARALLEL], team[TEAM_CALLBACK], block.ctypes.data, team[TEAM_THREADS])
+
+
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
+def _threaded(team, lo, hi):
+    return team.size == TEAM_SIZE and team[TEAM_THREADS] > 1 and hi - lo >= PARTS_MIN
+
+
+@njit(cache=True, error_model="numpy", fastmath=False)
+def _apply_update(hp, step, sizes, params, grads, state, rows, team):
+    """One optimizer step over the flat buffers, layer by layer (``l2`` reaches weights only),
+    a layer's weights on ``team``'s threads where it has enough of them; advances ``step[0]``."""
     step[0] += 1
     c = rule_scalars(hp, step[0], type(params[0])(1.0))
     l2 = type(params[0])(hp[HP_L2] / rows)
     w_off, b_off, _ = layer_offsets(sizes)
+    zero = type(l2)(0.0)
+    kind, mom, plain = c[0], c[2], c[4] == 0 and l2 == 0
+    task = TASK_HEAVY_BALL if kind == SGD and mom != 0 and plain and not c[3] else TASK_ADAM if kind == ADAM and plain else 0
     for l in range(sizes.size - 1):
-        _update_range(c, params, grads, state, w_off[l], b_off[l], l2)
-        _update_range(c, params, grads, state, b_off[l], b_off[l] + sizes[l + 1], type(l2)(0.0))
+        lo, hi = w_off[l], b_off[l]
+        if task == TASK_HEAVY_BALL and _threaded(team, lo, hi):
+            M = state[0]
+            _team_pass(team, task, params, grads, M, M, lo, hi, (mom, c[1], zero, zero, zero, zero, zero))
+        elif task == TASK_ADAM and _threaded(team, lo, hi):
+            _team_pass(team, task, params, grads, state[0], state[1], lo, hi, c[6:])
+        else:
+            _update_range(c, params, grads, state, lo, hi, l2)
+        _update_range(c, params, grads, state, hi, hi + sizes[l + 1], zero)
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
-def apply_update(hp, step, sizes, params, grads, state, rows):
+def apply_update(hp, step, sizes, params, grads, state, rows, team):
     """``_apply_update`` with denormals flushed (``flush_denormals``)."""
     old = flush_denormals()
-    _apply_update(hp, step, sizes, params, grads, state, rows)
+    _apply_update(hp, step, sizes, params, grads, state, rows, team)
     restore_denormals(old)
 
 
@@ -1253,7 +1419,7 @@ def _loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_s
             return total, start, correct
         total += cost
         correct += right
-        _apply_update(hp, step, sizes, params, grads, state, stop - start)
+        _apply_update(hp, step, sizes, params, grads, state, stop - start, step[:0])
     return total, n, correct
 
 
@@ -1278,7 +1444,7 @@ def loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_si
 # forward_min and a backward one below backward_min is a hand loop (a BLAS call costs more
 # than the arithmetic there). Measured: OpenBLAS's small-matrix path wins from a few
 # thousand multiply-adds on, even against hand loops that skip ReLU's zero deltas.
-FORWARD_MIN, BACKWARD_MIN = 0, 1
+FORWARD_MIN, BACKWARD_MIN, TEAM = 0, 1, 2  # plan[TEAM:] is the update passes' team
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
@@ -1464,10 +1630,12 @@ def _momentum_step(D, A, P, G, M, wo, bo, plan, beta, keep, lr):
     bias_grad(D, G[bo:hi], type(lr)(1.0), np.bool_(False))
     for j in range(_U(bo), _U(hi)):
         M[j] = M[j] * beta + G[j]
-    for i in range(_U(wo), _U(hi)):
-        m = M[i]
-        P[i] = P[i] - m * lr
-        M[i] = m * keep
+    team = plan[TEAM:]
+    if _threaded(team, wo, hi):
+        zero = lr - lr
+        _team_pass(team, TASK_SCALED_VELOCITY, P, G, M, M, wo, hi, (lr, keep, zero, zero, zero, zero, zero))
+    else:
+        _scaled_velocity_pass(P, M, wo, hi, lr, keep)
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
@@ -1554,7 +1722,7 @@ def _batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_
         if plain or heavy:
             step[0] += 1
         else:
-            _apply_update(hp, step, sizes, params, grads, state, stop - start)
+            _apply_update(hp, step, sizes, params, grads, state, stop - start, plan[TEAM:])
     _alive(w_owned)
     _alive(b_owned)
     _alive(u_owned)

@@ -147,7 +147,8 @@ def test_a_bad_variable_fails_the_backend_not_the_import_nor_a_direct_kernel_cal
 
 @pytest.mark.skipif(not HAVE_MKL, reason="mkl not installed")
 def test_a_forked_child_of_an_mkl_parent_trains_on_one_thread():
-    """libgomp's pool does not survive fork(): a 2-thread MKL GEMM in the child would hang."""
+    """libgomp's pool does not survive fork(): a 2-thread MKL GEMM, or an update pass on its
+    team, in the child would hang."""
     if not blas._loadable("libgomp.so.1"):
         pytest.skip("no libgomp here: MKL runs sequentially, nothing to cap")
     code = textwrap.dedent("""
@@ -158,9 +159,14 @@ def test_a_forked_child_of_an_mkl_parent_trains_on_one_thread():
         be.set_threads(2)
         a = np.ones((400, 400)); out = np.empty((400, 400))
         be.matmul(a, a, out)  # the parent's pool is running
+        X, y = np.random.default_rng(0).random((256, 600)), np.arange(256) % 3
+        fit = lambda: fb.MLP([600, 60, 3], loss="cross_entropy", seed=0).fit(X, y, epochs=1, batch_size=128, progress=False, threads=2,
+                                                       optimizer=fb.optim.SGD(lr=0.1, momentum=0.9))
+        fit()  # and its update passes' team (36k weights in the first layer)
         pid = os.fork()
         if pid == 0:
             be.matmul(a, a, out)
+            fit()
             os._exit(0 if out[0, 0] == 400 and be.info()["blas_threads_policy"]["threads"] == 1 else 3)
         _, status = os.waitpid(pid, 0)
         print("child:", os.waitstatus_to_exitcode(status))

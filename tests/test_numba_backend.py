@@ -558,11 +558,13 @@ def test_gemm_with_alpha_and_beta(trans_a, trans_b, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["sgd", "momentum"])
-@pytest.mark.parametrize("plan", [(0, 0), (2**62, 2**62), (0, 150)], ids=["blas", "hand", "mixed"])
+@pytest.mark.parametrize("plan", [(0, 0, 2**62), (2**62, 2**62, 2**62), (0, 150, 2**62), (0, 0, 0)],
+                         ids=["blas", "hand", "mixed", "rotm"])
 def test_sgd_and_momentum_fused_into_the_weight_gradient_step(plan, momentum, dtype):
     """batch_epoch's fused steps -- plain SGD as ``W += -lr D^T A`` in the GEMM, momentum as
-    ``M = mom M + D^T A`` in it -- against gradients then the update rule's arithmetic (to
-    rounding: a BLAS may fuse its alpha/beta terms into FMAs)."""
+    ``M = mom M + D^T A`` in it, its pass over P and M a hand loop or BLAS ``?rotm`` -- against
+    gradients then the update rule's arithmetic (to rounding: a BLAS may fuse its alpha/beta
+    terms into FMAs)."""
     from fastbp.kernels import numba_kernels as K
 
     spec = NetSpec((6, 8, 7, 3), "relu", "softmax", "cross_entropy", np.dtype(dtype))
@@ -930,3 +932,102 @@ def test_the_fused_per_example_update_rounds_as_the_flat_update(rule):
     K._update_range(c, flat, G, flat_state, n_out * n_in, n, np.float32(0.0))
     np.testing.assert_array_equal(fused, flat)
     np.testing.assert_array_equal(fused_state, flat_state)
+
+
+# ---------------------------------------------------------------- update passes on the BLAS threads
+
+def _team_or_skip(dtype):
+    team = NB.team(2, np.dtype(dtype))
+    if team[0] < 2:
+        pytest.skip(f"no team here: update passes {NB.team_description()}")
+    return team
+
+
+def test_parts_cover_the_span_once_on_line_boundaries():
+    from fastbp.kernels import numba_kernels as K
+
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        lo = int(rng.integers(0, 5000))
+        hi = lo + int(rng.integers(1, 100_000))
+        parts = int(rng.integers(1, 9))
+        bounds = [K._part(lo, hi, t, parts) for t in range(parts)]
+        assert bounds[0][0] == lo and bounds[-1][1] == hi
+        assert all(a <= b for a, b in bounds) and all(b == a2 for (_, b), (a2, _) in zip(bounds, bounds[1:]))
+        assert all((b - lo) % K.PASS_ALIGN == 0 for _, b in bounds[:-1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rule", RULE_CASES, ids=RULE_ID)
+def test_an_update_pass_on_the_team_rounds_as_on_one_thread(rule, dtype):
+    """apply_update with a layer above PARTS_MIN split between two threads: every parameter and
+    state entry bit-identical to the one-thread pass (a part left undone or done twice differs)."""
+    from fastbp.kernels import numba_kernels as K
+
+    team = _team_or_skip(dtype)
+    spec = NetSpec((301, 131, 7), "relu", "softmax", "cross_entropy", np.dtype(dtype))  # 39431 weights: > PARTS_MIN
+    assert spec.sizes[0] * spec.sizes[1] >= K.PARTS_MIN
+    rng = np.random.default_rng(6)
+    params0 = rng.standard_normal(spec.n_params).astype(dtype)
+    state0 = (rng.standard_normal((rule.n_buffers, spec.n_params)) ** 2 * 0.01).astype(dtype)
+    grads = [rng.standard_normal(spec.n_params).astype(dtype) for _ in range(3)]
+    out = []
+    for t in (team, np.array([1, 0, 0, 0], np.int64)):
+        params, state, step = params0.copy(), state0.copy(), np.array([3], np.int64)
+        for g in grads:
+            K.apply_update(rule.hyper(), step, NB._spec(spec)[0], params, g, state, 16, t)
+        out.append((params, state, step))
+    for got, want in zip(*out):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_momentum_pass_on_the_team_rounds_as_on_one_thread(dtype):
+    """The fused momentum step's pass (p -= m lr; M = m keep) split between two threads,
+    against the one-thread pass: bit-identical."""
+    from fastbp.kernels import numba_kernels as K
+
+    team = _team_or_skip(dtype)
+    rng = np.random.default_rng(8)
+    T = np.dtype(dtype).type
+    P0, M0 = rng.standard_normal(70_001).astype(dtype), rng.standard_normal(70_001).astype(dtype)
+    got, want = (P0.copy(), M0.copy()), (P0.copy(), M0.copy())
+    zero = T(0.0)
+    K._team_pass(team, K.TASK_SCALED_VELOCITY, got[0], got[0], got[1], got[1], 3, 69_998,
+                 (T(0.05), T(0.9), zero, zero, zero, zero, zero))
+    K._scaled_velocity_pass(want[0], want[1], 3, 69_998, T(0.05), T(0.9))
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_a_mini_batch_epoch_with_team_passes_is_the_epoch_without(optimizer, monkeypatch):
+    """fit on two threads with the update passes on the team and with them on this thread
+    (784-200-10: its first layer's pass is split). To rounding, not bit for bit: MKL's GEMMs
+    themselves may round differently from one fit to the next (its dynamic thread count and
+    the buffers' alignment); the passes alone are bit-identical (the tests above)."""
+    import fastbp as fb
+
+    _team_or_skip("float32")
+    rng = np.random.default_rng(7)
+    X, y = rng.random((192, 784), dtype=np.float32), rng.integers(0, 10, 192)
+    got = []
+    for on in (True, False):
+        monkeypatch.setattr(type(NB), "TEAM_PASSES", on)
+        net = fb.MLP([784, 200, 10], activation="relu", loss="cross_entropy", dtype="float32", seed=0)
+        opt = fb.optim.SGD(lr=0.05, momentum=0.9) if optimizer == "momentum" else fb.optim.Adam(lr=1e-3)
+        net.fit(X, y, epochs=2, batch_size=64, optimizer=opt, seed=1, threads=2, progress=False)
+        got.append(np.concatenate([a.ravel() for part in net.get_params() for a in part]))
+    np.testing.assert_allclose(got[0], got[1], rtol=1e-4, atol=1e-6)
+
+
+def test_the_team_is_one_thread_unless_mkl_runs_on_libgomp(monkeypatch):
+    import dataclasses
+
+    assert NB.team(1, np.dtype("float32")).tolist() == [1, 0, 0, 0]
+    monkeypatch.setattr(NB, "blas_library", dataclasses.replace(NB.blas_library, omp_parallel=0, omp_thread_num=0))
+    assert NB.team(2, np.dtype("float32")).tolist() == [1, 0, 0, 0]
+    assert "on the calling thread" in NB.info()["update_passes"]
+    monkeypatch.undo()
+    monkeypatch.setattr(type(NB), "TEAM_PASSES", False)
+    assert NB.team(2, np.dtype("float64")).tolist() == [1, 0, 0, 0]
