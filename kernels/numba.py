@@ -304,13 +304,14 @@ class NumbaBackend(Backend):
         return ("on the BLAS threads, through libgomp's GOMP_parallel (MKL's own pool), for layers of at least "
                 f"{self._k.PARTS_MIN} parameters")
 
-    def team(self, threads: int, dtype) -> np.ndarray:
-        """The update passes' team for ``threads`` threads (``numba_kernels`` TEAM_*): one
-        thread where the BLAS is not MKL on libgomp, or where ``TEAM_PASSES`` is off."""
+    def team(self, threads: int, dtype, kind="update") -> np.ndarray:
+        """The team for ``threads`` threads (``numba_kernels`` TEAM_*) running ``kind``'s callback
+        (``pass_callback``): one thread where the BLAS is not MKL on libgomp, or where
+        ``TEAM_PASSES`` is off."""
         lib = self.blas_library
         if threads <= 1 or not (self.TEAM_PASSES and lib.omp_parallel and lib.omp_thread_num):
             return np.array([1, 0, 0, 0], np.int64)
-        return np.array([threads, lib.omp_parallel, lib.omp_thread_num, self._k.pass_callback(dtype)], np.int64)
+        return np.array([threads, lib.omp_parallel, lib.omp_thread_num, self._k.pass_callback(dtype, kind)], np.int64)
 
     def __init__(self) -> None:
         from .numpy import NumpyBackend
@@ -644,9 +645,14 @@ class NumbaBackend(Backend):
             # anything wider runs layer by layer, which measured faster there (784-128-10 SGD:
             # 5.8 against 7.0 us an example; Adam 24.6 against 26.8)
             small = self._small_kernel(spec)
-            name = ("small_epoch" if small else "shallow_epoch") if self._is_small(spec) else "examples_epoch"
-            total, done, correct = self._run(name, dt, sizes, hidden, output, loss, params, X, Y, order, hp, step,
-                                             buffers, work, fn=small)
+            args = (sizes, hidden, output, loss, params, X, Y, order, hp, step, buffers, work)
+            if self._is_small(spec):
+                total, done, correct = self._run("small_epoch" if small else "shallow_epoch", dt, *args, fn=small)
+            else:
+                team = self.team(self._threads.decide(), dt, "example")
+                if team[0] > 1:
+                    team = self._k.example_team(team, sizes, hidden, params, buffers, X, hp, work)
+                total, done, correct = self._run("examples_epoch", dt, *args, team)
         elif strategy == "loop":
             work = self._workspace(spec, 0, dt)
             total, done, correct = self._run("loop_epoch", dt, sizes, hidden, output, loss, params, grads, X, Y,
@@ -709,8 +715,9 @@ class NumbaBackend(Backend):
                 for bs, strategy in ((1, "vectorized"), (2, "loop"), (2, "vectorized")):
                     self.train_epoch(spec, params, grads, X, Y, bs, rule, state, strategy)
                 self.update(spec, rule, params, grads, state, n)
-        if self.team(2, dt)[0] > 1:  # the update passes' callback (a layer this small never starts a team)
-            self._k.pass_callback(dt)
+        if self.team(2, dt)[0] > 1:  # the teams' callbacks (layers this small never start a team)
+            for kind in ("update", "example"):
+                self._k.pass_callback(dt, kind)
         small = np.ones((2, 3), dt)
         W = rng.standard_normal((3, 3)).astype(dt)
         for name in ("relu", "softmax"):

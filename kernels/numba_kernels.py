@@ -835,13 +835,15 @@ def _run_part(block, like):
     n = block[B_N]
     P, M = carray(_pointer_at(block[B_P], like), (n,)), carray(_pointer_at(block[B_M], like), (n,))
     task = block[B_TASK]
+    # the argument types of the one-thread calls (uint64 bounds in _update_range), so each
+    # callee compiles once whichever caller comes first
     if task == TASK_SCALED_VELOCITY:
         _scaled_velocity_pass(P, M, a, b, T(f[0]), T(f[1]))
     elif task == TASK_HEAVY_BALL:
-        heavy_ball(P, carray(_pointer_at(block[B_G], like), (n,)), M, a, b, T(f[0]), T(f[1]))
+        heavy_ball(P, carray(_pointer_at(block[B_G], like), (n,)), M, _U(a), _U(b), T(f[0]), T(f[1]))
     elif task == TASK_ADAM:
         adam_range(P, carray(_pointer_at(block[B_G], like), (n,)), M, carray(_pointer_at(block[B_V], like), (n,)),
-                   a, b, (T(f[0]), T(f[1]), T(f[2]), T(f[3]), T(f[4]), T(f[5]), T(f[6])))
+                   _U(a), _U(b), (T(f[0]), T(f[1]), T(f[2]), T(f[3]), T(f[4]), T(f[5]), T(f[6])))
     restore_denormals(old)
 
 
@@ -853,16 +855,18 @@ def _callback_float64(data):
     _run_part(carray(data, (BLOCK,), np.int64), np.float64(0.0))
 
 
-def pass_callback(dtype) -> int:
-    """Address of the C callback (``void (*)(void *)``) a team runs for ``dtype``'s passes;
+def pass_callback(dtype, kind="update") -> int:
+    """Address of the C callback (``void (*)(void *)``) a team runs for ``dtype``: ``kind``
+    "update" for the update passes, "example" for the per-example rows (``_run_example_rows``);
     compiled on first use, cached on disk."""
-    name = np.dtype(dtype).name
-    if name not in _CALLBACKS:
+    key = (np.dtype(dtype).name, kind)
+    if key not in _CALLBACKS:
         from numba import cfunc
 
-        py = _callback_float32 if name == "float32" else _callback_float64
-        _CALLBACKS[name] = cfunc(types.void(types.voidptr), cache=True, error_model="numpy", fastmath=False)(py)
-    return _CALLBACKS[name].address
+        py = {("float32", "update"): _callback_float32, ("float64", "update"): _callback_float64,
+              ("float32", "example"): _example_callback_float32, ("float64", "example"): _example_callback_float64}[key]
+        _CALLBACKS[key] = cfunc(types.void(types.voidptr), cache=True, error_model="numpy", fastmath=False)(py)
+    return _CALLBACKS[key].address
 
 
 _CALLBACKS: dict = {}
@@ -880,12 +884,18 @@ def _team_pass(team, task, P, G, M, V, lo, hi, scalars):
     block[B_P], block[B_G], block[B_M], block[B_V] = P.ctypes.data, G.ctypes.data, M.ctypes.data, V.ctypes.data
     for i in range(7):
         floats[B_SCALARS + i] = scalars[i]
+    _team_run(team, block)
+
+
+@njit(cache=True, error_model="numpy", fastmath=False)
+def _team_run(team, block):
+    """``GOMP_parallel`` of the team's callback on ``block``: one part per thread, this one's included."""
     _omp_parallel(team[TEAM_PARALLEL], team[TEAM_CALLBACK], block.ctypes.data, team[TEAM_THREADS])
 
 
 @njit(cache=True, error_model="numpy", fastmath=False, inline="always")
 def _threaded(team, lo, hi):
-    return team.size == TEAM_SIZE and team[TEAM_THREADS] > 1 and hi - lo >= PARTS_MIN
+    return team.size >= TEAM_SIZE and team[TEAM_THREADS] > 1 and hi - lo >= PARTS_MIN
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
@@ -1077,11 +1087,12 @@ def rank1_step(c, P, S, wo, bo, n_out, n_in, d, do, x, xo, l2):
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
-def _example_forward(sizes, hidden, P, w_off, b_off, u_off, X, s, zs, acts):
+def _example_forward(sizes, hidden, P, w_off, b_off, u_off, X, s, zs, acts, first):
+    """Example ``s``'s forward pass from layer ``first`` on (the layers below it done already)."""
     n_layers = sizes.size - 1
     for k in range(sizes[0]):
         acts[k] = X[s, k]
-    for l in range(n_layers):
+    for l in range(first, n_layers):
         dense(P, w_off[l], b_off[l], sizes[l + 1], sizes[l], acts, u_off[l], zs, u_off[l + 1])
         if l < n_layers - 1:  # the output layer's activation comes fused with its loss
             act_range(hidden, zs, acts, u_off[l + 1], sizes[l + 1])
@@ -1110,7 +1121,7 @@ def loop_batch(sizes, hidden, output, loss, params, X, Y, grads, work, start, st
     correct = 0
     L = n_layers - 1
     for s in range(start, stop):
-        _example_forward(sizes, hidden, params, w_off, b_off, u_off, X, s, zs, acts)
+        _example_forward(sizes, hidden, params, w_off, b_off, u_off, X, s, zs, acts, 0)
         total += output_layer(loss, output, zs, acts, ds, u_off[n_layers], Y, s, one)
         correct += _row_correct(loss, acts, u_off[n_layers], Y, s)
         for l in range(L, -1, -1):
@@ -1144,16 +1155,75 @@ def _row_correct(loss, a, lo, Y, row):
     return 0
 
 
+# Per example, a wide first layer's rows are split among the team too (``team`` as for the
+# update passes, with the "example" callback): each thread updates its rows of W and b for
+# this example, then computes the same rows of the next example's first layer (z and its
+# activation) with the weights it has just written, so a row and its velocity stay in one
+# core's cache. Splitting the update alone ran 4x slower: the next forward pass, on this
+# thread, pulled every row the other core had written back across (784-128-10 momentum,
+# ~180 against ~40 us an example). Each row's arithmetic is the one-thread code's.
+(E_THREAD_NUM, E_PARTS, E_N_OUT, E_N_IN, E_N, E_P, E_S, E_S_ROWS, E_HP, E_STEP, E_WORK, E_UNITS, E_W, E_B, E_Z,
+ E_HIDDEN, E_X, E_X_N, E_NEXT, E_L2) = range(20)
+EBLOCK = 20
+
+
+@njit(cache=True, error_model="numpy", fastmath=False)
+def _run_example_rows(block, like):
+    """This thread's rows of the first layer: the update from the example whose delta and
+    input the workspace holds, then (``E_NEXT`` >= 0: the next example's offset in X) that
+    example's z and activation for the same rows."""
+    old = flush_denormals()
+    t, parts, n_out, n_in = _call_int(block[E_THREAD_NUM]), block[E_PARTS], block[E_N_OUT], block[E_N_IN]
+    r0, r1 = n_out * t // parts, n_out * (t + 1) // parts
+    n, units, wo, bo, zo = block[E_N], block[E_UNITS], block[E_W], block[E_B], block[E_Z]
+    P = carray(_pointer_at(block[E_P], like), (n,))
+    S = carray(_pointer_at(block[E_S], like), (block[E_S_ROWS], n))
+    work = carray(_pointer_at(block[E_WORK], like), (3 * units,))
+    zs, acts, ds = work[:units], work[units:2 * units], work[2 * units:]
+    hp = carray(_pointer_at(block[E_HP], np.float64(0.0)), (HP_L2 + 1,))
+    l2 = type(like)(carray(_pointer_at(block.ctypes.data, np.float64(0.0)), (EBLOCK,))[E_L2])
+    rank1_step(rule_scalars(hp, block[E_STEP], type(like)(1.0)), P, S, wo + r0 * n_in, bo + r0, r1 - r0, n_in, ds,
+               zo + r0, acts, zo - zo, l2)
+    if block[E_NEXT] >= 0:
+        X = carray(_pointer_at(block[E_X], like), (block[E_X_N],))
+        dense(P, wo + r0 * n_in, bo + r0, r1 - r0, n_in, X, block[E_NEXT], zs, zo + r0)
+        act_range(block[E_HIDDEN], zs, acts, zo + r0, r1 - r0)
+    restore_denormals(old)
+
+
+def _example_callback_float32(data):
+    _run_example_rows(carray(data, (EBLOCK,), np.int64), np.float32(0.0))
+
+
+def _example_callback_float64(data):
+    _run_example_rows(carray(data, (EBLOCK,), np.int64), np.float64(0.0))
+
+
+def example_team(team, sizes, hidden, P, S, X, hp, work) -> np.ndarray:
+    """``team`` with the per-example rows' block appended (built here, in Python: the
+    addresses of this call's arrays, which outlive it; ``E_STEP`` and ``E_NEXT`` are set per
+    example by the kernel)."""
+    block = np.zeros(EBLOCK, np.int64)
+    block[[E_THREAD_NUM, E_PARTS, E_N_OUT, E_N_IN]] = team[TEAM_THREAD_NUM], team[TEAM_THREADS], sizes[1], sizes[0]
+    block[[E_N, E_P, E_S, E_S_ROWS]] = P.size, P.ctypes.data, S.ctypes.data, S.shape[0]
+    block[[E_HP, E_WORK, E_UNITS]] = hp.ctypes.data, work.ctypes.data, work.size // 3
+    block[[E_W, E_B, E_Z, E_HIDDEN]] = 0, sizes[0] * sizes[1], sizes[0], hidden  # layer 0: w_off, b_off, u_off[1]
+    block[[E_X, E_X_N]] = X.ctypes.data, X.size
+    block.view(np.float64)[E_L2] = hp[HP_L2]
+    return np.concatenate([team, block])
+
+
 @njit(cache=True, error_model="numpy", fastmath=False, inline="always")
-def _examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, state, work):
+def _examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, state, work, team):
     """A whole epoch of per-example training (batch size 1) in one call, over the rows of
     ``X, Y`` in ``order`` (in place of a shuffled copy; empty: in their own order).
 
     Per example: forward, output delta, then from the top layer down: the delta of the layer
     below (with this layer's weights before their update), then this layer's update, applied
     where the gradient is formed (``rank1_update`` for plain SGD, which skips zero deltas;
-    ``rank1_step`` for any other rule). Returns ``(summed cost, examples done, correct)``;
-    stops before the update of a non-finite cost.
+    ``rank1_step`` for any other rule; a wide first layer's rows on ``team``'s threads, see
+    ``_run_example_rows``). Returns ``(summed cost, examples done, correct)``; stops before
+    the update of a non-finite cost.
     """
     n_layers = sizes.size - 1
     w_owned, b_owned, u_owned = layer_offsets(sizes)
@@ -1168,9 +1238,13 @@ def _examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, 
     correct = 0
     L = n_layers - 1
     shuffled = order.size > 0
+    rows_on_team = not plain and n_layers >= 2 and team.size == TEAM_SIZE + EBLOCK and _threaded(team, w_off[0], b_off[0])
+    block = team[TEAM_SIZE:]  # example_team's (empty where there is no team)
+    ahead = 0  # the first layer of this example computed by the last team run
     for s in range(X.shape[0]):
         row = order[s] if shuffled else s
-        _example_forward(sizes, hidden, params, w_off, b_off, u_off, X, row, zs, acts)
+        _example_forward(sizes, hidden, params, w_off, b_off, u_off, X, row, zs, acts, ahead)
+        ahead = 0
         cost = output_layer(loss, output, zs, acts, ds, u_off[n_layers], Y, row, one)
         if not np.isfinite(cost):
             return total, s, correct
@@ -1184,6 +1258,11 @@ def _examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, 
             if plain:
                 rank1_update(params, w_off[l], b_off[l], sizes[l + 1], sizes[l], ds, u_off[l + 1], acts, u_off[l],
                              neg_lr)
+            elif l == 0 and rows_on_team:
+                block[E_STEP] = step[0]
+                block[E_NEXT] = -1 if s + 1 == X.shape[0] else (order[s + 1] if shuffled else s + 1) * sizes[0]
+                _team_run(team, block)
+                ahead = 1 if s + 1 < X.shape[0] else 0
             else:
                 rank1_step(c, params, state, w_off[l], b_off[l], sizes[l + 1], sizes[l], ds, u_off[l + 1], acts,
                            u_off[l], l2)
@@ -1194,11 +1273,12 @@ def _examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, 
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
-def examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, state, work):
+def examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, state, work, team):
     """``_examples_epoch`` with denormals flushed (``flush_denormals``)."""
     old = flush_denormals()
     out = _examples_epoch(_borrowed(sizes), hidden, output, loss, _borrowed(params), _borrowed(X), _borrowed(Y),
-                          _borrowed(order), _borrowed(hp), _borrowed(step), _borrowed(state), _borrowed(work))
+                          _borrowed(order), _borrowed(hp), _borrowed(step), _borrowed(state), _borrowed(work),
+                          _borrowed(team))
     restore_denormals(old)
     return out
 

@@ -462,7 +462,8 @@ def test_shallow_epoch_equals_the_layer_by_layer_epoch(hidden, loss, output, rul
     sizes, h, o, lc = NB._spec(net.spec)
     results = []
     order = np.random.default_rng(6).permutation(17)
-    for run in (K.shallow_epoch, K.examples_epoch):
+    alone = np.array([1, 0, 0, 0], np.int64)  # examples_epoch's team: this thread only
+    for run in (K.shallow_epoch, lambda *args: K.examples_epoch(*args, alone)):
         params, state = net._params.copy(), _state(rule, net.spec)
         state.step[0] = 3  # mid-trajectory: the bias corrections start from step 3
         work = np.empty(3 * sum(net.spec.sizes))
@@ -1031,3 +1032,35 @@ def test_the_team_is_one_thread_unless_mkl_runs_on_libgomp(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(type(NB), "TEAM_PASSES", False)
     assert NB.team(2, np.dtype("float64")).tolist() == [1, 0, 0, 0]
+
+
+@pytest.mark.parametrize("sizes", [(301, 131, 7), (301, 131, 20, 7)], ids=["one-hidden", "two-hidden"])
+@pytest.mark.parametrize("rule", RULE_CASES, ids=RULE_ID)
+def test_per_example_rows_on_the_team_round_as_on_one_thread(rule, sizes):
+    """examples_epoch with the first layer's rows (39k weights) on two threads -- each
+    thread's update, then the next example's z and activation for its rows -- against one
+    thread: the same parameters, state, cost and count bit for bit, in a shuffled order, and
+    stopping at the same example before a NaN row."""
+    from fastbp.kernels import numba_kernels as K
+
+    team = NB.team(2, np.dtype("float32"), "example")
+    if team[0] < 2:
+        pytest.skip(f"no team here: update passes {NB.team_description()}")
+    spec = NetSpec(sizes, "relu", "softmax", "cross_entropy", np.dtype("float32"))
+    rng = np.random.default_rng(9)
+    params0 = (rng.standard_normal(spec.n_params) * 0.05).astype(np.float32)
+    X = rng.random((40, sizes[0]), dtype=np.float32)
+    Y = np.eye(sizes[-1], dtype=np.float32)[rng.integers(0, sizes[-1], 40)]
+    order = rng.permutation(40).astype(np.int64)
+    work = np.empty(3 * sum(sizes), np.float32)
+    for Xe, expect_done in ((X, 40), (np.where(np.arange(40)[:, None] == order[25], np.nan, X).astype(np.float32), 25)):
+        out = []
+        for on_team in (True, False):
+            params, state, step = params0.copy(), np.zeros((rule.n_buffers, spec.n_params), np.float32), np.zeros(1, np.int64)
+            hp, codes = rule.hyper(), NB._spec(spec)
+            t = K.example_team(team, codes[0], codes[1], params, state, Xe, hp, work) if on_team else team[:0]
+            total, done, correct = K.examples_epoch(*codes, params, Xe, Y, order, hp, step, state, work, t)
+            out.append((params, state, step, total, done, correct))
+        assert out[0][4] == out[1][4] == expect_done
+        for got, want in zip(*out):
+            np.testing.assert_array_equal(got, want)
