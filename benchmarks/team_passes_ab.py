@@ -5,12 +5,13 @@ round in one process, on issue 10's workloads.
     python benchmarks/team_passes_ab.py [--workloads a,b] [--optimizers sgd,momentum,adam]
                                         [--rounds 8] [--threads 2] [--out FILE]
 
-Each (workload, optimizer) trains two networks from the same seed, one per setting, and
-alternates their epochs (the order flips every round, so a machine that speeds up or slows
-down mid-way moves both alike); the record keeps every round's samples/s, the per-round
-ratio on/off and its median, the other processes' CPU use per round, and whether the two
-networks ended bit-identical (they should: each part runs the one-thread arithmetic; MKL's
-own GEMMs may still round differently from fit to fit, see the record's note).
+Each (workload, optimizer) trains two networks from the same seed, an epoch each per round,
+one with the teams and one without, swapping settings (and order) every round, so neither a
+network's memory layout nor a machine that speeds up or slows down mid-way favours one; the
+record keeps every round's samples/s, the per-round ratio on/off and its median, the other
+processes' CPU use per round, and whether the two networks ended bit-identical (they should:
+both saw each setting, and each part runs the one-thread arithmetic; MKL's own GEMMs may still
+round differently from one fit to the next).
 """
 
 from __future__ import annotations
@@ -48,19 +49,22 @@ def ab(name: str, rule: str, rounds: int, threads: int | None) -> dict:
     cfg = WORKLOADS[name]
     X, Y = data(cfg.get("data", "pixels"), cfg["n"], cfg["sizes"])
     b = cfg["batch"]
-    nets, runs, others = {}, {"on": [], "off": []}, []
+    nets, runs, others = [], {"on": [], "off": []}, []
     for k in ("on", "off"):
         NumbaBackend.TEAM_PASSES = k == "on"
         net = fb.MLP(cfg["sizes"], activation=cfg["activation"], loss=cfg["loss"], dtype="float32", seed=0)
         net.fit(X[:4 * b], Y[:4 * b], epochs=1, batch_size=b, progress=False, optimizer=RULES[rule](cfg["lr"]),
                 threads=threads)  # untimed: compile, workspaces, state
-        nets[k] = net
+        nets.append(net)
     for r in range(rounds):
         before = machine.cpu_busy_seconds(), machine.own_cpu_seconds(), time.perf_counter()
-        for k in (("on", "off") if r % 2 == 0 else ("off", "on")):
+        # the two networks swap settings every round (and go in the other order), so neither
+        # one's memory layout nor a drifting machine favours a setting
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            k = "on" if (r + i) % 2 == 0 else "off"
             NumbaBackend.TEAM_PASSES = k == "on"
             t = time.perf_counter()
-            nets[k].fit(X, Y, epochs=1, batch_size=b, progress=False, optimizer=None, threads=threads)
+            nets[i].fit(X, Y, epochs=1, batch_size=b, progress=False, optimizer=None, threads=threads)
             runs[k].append(len(X) / (time.perf_counter() - t))
         if before[0] is not None:
             wall = time.perf_counter() - before[2]
@@ -71,7 +75,7 @@ def ab(name: str, rule: str, rounds: int, threads: int | None) -> dict:
     return {"samples_per_s": {k: [round(v) for v in vs] for k, vs in runs.items()},
             "median_samples_per_s": {k: round(float(np.median(vs))) for k, vs in runs.items()},
             "ratio_on_off_per_round": [round(x, 3) for x in ratios], "ratio_on_off_median": round(float(np.median(ratios)), 3),
-            "others_cores_per_round": others, "bit_identical": bool(np.array_equal(flat(nets["on"]), flat(nets["off"])))}
+            "others_cores_per_round": others, "bit_identical": bool(np.array_equal(flat(nets[0]), flat(nets[1])))}
 
 
 def main(argv=None) -> None:
