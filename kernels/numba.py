@@ -808,10 +808,11 @@ def _host_cpu_name() -> str:
 # (seconds, from the 2-core Xeon and the slower-compiling 2-core EPYC Zen 3: a first per-example
 # fit 12.2 / 14.3 s, a first batch-32 fit 22.5 / 32.2 s before its compile helper and 19-24 s on
 # the EPYC with it, warmup 28 / 49 s; cpu-peers-20261202T014939Z.json and T054506Z.json "jit",
-# jit-helper-20261202T063300Z.json; the first one also compiles what later ones share).
+# jit-helper-20261202T063300Z.json; the first one also compiles what later ones share). With the
+# teams' callbacks a first per-example fit took 20.4 s on the Xeon SPR (cpu-peers-20261203T084534Z.json).
 _ENTRY = {
     "shallow_epoch": ("per-example training of a small network", "8-12"),
-    "examples_epoch": ("per-example training", "10-15"),
+    "examples_epoch": ("per-example training", "15-20"),
     "batch_epoch": ("mini-batch training", "15-25"),
     "loop_epoch": ("mini-batch training with the per-example loop", 4),
     "loop_batch": ("per-example gradients", 4),
