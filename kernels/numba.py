@@ -301,7 +301,8 @@ class NumbaBackend(Backend):
         if not (lib.omp_parallel and lib.omp_thread_num):
             return (f"on the calling thread: the BLAS is {lib.name} ({lib.threading}), not MKL on libgomp, "
                     "whose pool they would share")
-        return ("on the BLAS threads, through libgomp's GOMP_parallel (MKL's own pool), for layers of at least "
+        return ("on the BLAS threads, through libgomp's GOMP_parallel (MKL's own pool): update passes, and per "
+                "example a first layer's rows, for layers of at least "
                 f"{self._k.PARTS_MIN} parameters")
 
     def team(self, threads: int, dtype, kind="update") -> np.ndarray:
@@ -440,8 +441,9 @@ class NumbaBackend(Backend):
             "thread_policy": ("BLAS threads chosen per call: as many as the cores other processes leave free "
                               "(set_threads(n) fixes them; a threadpoolctl limit is a ceiling); compiled mini-batch "
                               f"epochs whose largest GEMM is < {self.SMALL_GEMM_MAX} multiply-adds run BLAS on one "
-                              "thread; a mini-batch step's update passes run on as many threads as its GEMMs, "
-                              "where MKL's pool is libgomp's (update_passes)"),
+                              "thread; the update passes of wide layers (and, per example, a wide first layer's rows) "
+                              "run on as many threads as the policy allows, where MKL's pool is libgomp's "
+                              "(update_passes)"),
             "cores": _usable_cores(),
             "cpu_name": _host_cpu_name(),
             "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),

@@ -1,8 +1,9 @@
 """The Numba-compiled kernels behind ``kernels/numba.py``; importing this module imports numba.
 
 Everything here is ``@njit(cache=True, error_model="numpy")`` and writes into caller-owned
-arrays, on the calling thread, except the update passes a mini-batch step may split among
-MKL's threads ("update passes on the BLAS threads"). Fast-math is explicit on every function (``fastmath=False`` unless
+arrays, on the calling thread, except the update passes of wide layers and, per example, a
+wide first layer's rows, which may be split among MKL's threads ("update passes on the BLAS
+threads"). Fast-math is explicit on every function (``fastmath=False`` unless
 it is a dot-product loop): a Numba function that leaves it unset inherits its caller's, and
 being compiled first from a fast-math caller (the per-example small kernels) once made the
 plain SGD step use FMA, 1 ulp off NumPy's, depending on which kernel a process compiled first.
@@ -758,7 +759,7 @@ def _update_range(c, P, G, S, lo, hi, l2):
 TEAM_THREADS, TEAM_PARALLEL, TEAM_THREAD_NUM, TEAM_CALLBACK = range(4)
 TEAM_SIZE = 4
 PARTS_MIN = 1 << 15  # parameters: a team costs a few us to start and join
-PASS_ALIGN = 16  # part boundaries on 64-byte lines: no cache line written by two threads
+PASS_ALIGN = 16  # part boundaries 64 bytes apart from lo: at most one cache line shared per boundary
 # the block a pass hands its callback: int64 slots, the task's scalars as float64 bits
 B_TASK, B_THREAD_NUM, B_PARTS, B_LO, B_HI, B_N, B_P, B_G, B_M, B_V, B_SCALARS = range(11)
 BLOCK = B_SCALARS + 7
@@ -1698,7 +1699,8 @@ def _momentum_step(D, A, P, G, M, wo, bo, plan, beta, keep, lr):
     The first step of an epoch takes ``beta`` = mom, its last ``keep`` = 1, so the state between
     calls is the plain velocity. Products small enough for hand loops go the unfused way.
     BLAS worker threads may run without this thread's denormal flushing; the pass reads each
-    velocity in this (flushing) thread, so a denormal m becomes 0, as in ``heavy_ball``."""
+    velocity in a flushing thread (this one, or a team's part, which flushes itself), so a
+    denormal m becomes 0, as in ``heavy_ball``."""
     n, n_out = D.shape
     n_in = A.shape[1]
     hi = bo + n_out
