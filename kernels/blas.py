@@ -47,10 +47,11 @@ class BlasLibrary:
     threading: str
     sgemm: int  # addresses of the Fortran-convention ?gemm functions
     dgemm: int
-    # libgomp's GOMP_parallel and omp_get_thread_num where MKL's threads are libgomp's pool
-    # (the kernels' update passes run on that team), else 0
+    # libgomp's GOMP_parallel, omp_get_thread_num and omp_get_num_threads where MKL's threads
+    # are libgomp's pool (the kernels' update passes run on that team), else 0
     omp_parallel: int = 0
     omp_thread_num: int = 0
+    omp_num_threads: int = 0
 
     def describe(self) -> dict:
         return {"library": self.name, "path": self.path, "reason": self.reason, "threading": self.threading}
@@ -199,7 +200,7 @@ def _mkl(path: str, reason: str) -> BlasLibrary:
         threading = {0: "Intel OpenMP", 1: "sequential", 3: "GNU OpenMP (libgomp)", 4: "TBB"}.get(got, f"layer {got}")
         if want == "sequential":
             threading += " (libgomp not loadable)"
-    omp = (0, 0)
+    omp = (0, 0, 0)
     if "GNU OpenMP" in threading:
         os.register_at_fork(after_in_child=_fork_child_single_thread(lib))
         omp = _libgomp_team()
@@ -207,14 +208,15 @@ def _mkl(path: str, reason: str) -> BlasLibrary:
     return BlasLibrary("mkl", _library_file(sgemm) or path, reason, threading, sgemm, dgemm, *omp)
 
 
-def _libgomp_team() -> tuple[int, int]:
-    """Addresses of libgomp's GOMP_parallel and omp_get_thread_num ((0, 0) where it lacks them)."""
+def _libgomp_team() -> tuple[int, int, int]:
+    """Addresses of libgomp's GOMP_parallel, omp_get_thread_num and omp_get_num_threads
+    ((0, 0, 0) where it lacks them)."""
     try:
         gomp = ctypes.CDLL("libgomp.so.1")
-        return (ctypes.cast(gomp.GOMP_parallel, ctypes.c_void_p).value,
-                ctypes.cast(gomp.omp_get_thread_num, ctypes.c_void_p).value)
+        return tuple(ctypes.cast(getattr(gomp, name), ctypes.c_void_p).value
+                     for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads"))
     except (OSError, AttributeError):
-        return 0, 0
+        return 0, 0, 0
 
 
 def _fork_child_single_thread(lib):

@@ -298,21 +298,22 @@ class NumbaBackend(Backend):
         lib = self.blas_library
         if not self.TEAM_PASSES:
             return "on the calling thread (FASTBP_TEAM_PASSES=0)"
-        if not (lib.omp_parallel and lib.omp_thread_num):
+        if not (lib.omp_parallel and lib.omp_thread_num and lib.omp_num_threads):
             return (f"on the calling thread: the BLAS is {lib.name} ({lib.threading}), not MKL on libgomp, "
                     "whose pool they would share")
         return ("on the BLAS threads, through libgomp's GOMP_parallel (MKL's own pool): update passes, and per "
-                "example a first layer's rows, for layers of at least "
-                f"{self._k.PARTS_MIN} parameters")
+                f"example a first layer's rows, in parts of at least {self._k.PART_MIN} parameters")
 
     def team(self, threads: int, dtype, kind="update") -> np.ndarray:
         """The team for ``threads`` threads (``numba_kernels`` TEAM_*) running ``kind``'s callback
-        (``pass_callback``): one thread where the BLAS is not MKL on libgomp, or where
-        ``TEAM_PASSES`` is off."""
+        (``pass_callback``): one thread where the BLAS is not MKL on libgomp, in a forked child
+        (libgomp's pool does not survive the fork), or where ``TEAM_PASSES`` is off."""
         lib = self.blas_library
-        if threads <= 1 or not (self.TEAM_PASSES and lib.omp_parallel and lib.omp_thread_num):
-            return np.array([1, 0, 0, 0], np.int64)
-        return np.array([threads, lib.omp_parallel, lib.omp_thread_num, self._k.pass_callback(dtype, kind)], np.int64)
+        if (threads <= 1 or _blas.child_thread_cap() is not None
+                or not (self.TEAM_PASSES and lib.omp_parallel and lib.omp_thread_num and lib.omp_num_threads)):
+            return self._k.alone()
+        return np.array([threads, lib.omp_parallel, lib.omp_thread_num, lib.omp_num_threads,
+                         self._k.pass_callback(dtype, kind)], np.int64)
 
     def __init__(self) -> None:
         from .numpy import NumpyBackend

@@ -752,20 +752,32 @@ def _update_range(c, P, G, S, lo, hi, l2):
 # function calling a parallel one segfaults when loaded from the cache (numba#8578, seen here
 # too), and its gufunc caching races across processes (numba#10128). Each part flushes
 # denormals itself (workers do not inherit the caller's MXCSR), so a threaded pass rounds
-# exactly as the one-thread pass. ``team`` = (threads, GOMP_parallel, omp_get_thread_num, the
-# dtype's callback): threads 1 (or no libgomp) runs the pass here. Only the common rules'
-# passes go to the team (momentum and Adam without decay): the callback stays a small,
-# quick compile.
-TEAM_THREADS, TEAM_PARALLEL, TEAM_THREAD_NUM, TEAM_CALLBACK = range(4)
-TEAM_SIZE = 4
-PARTS_MIN = 1 << 15  # parameters: a team costs a few us to start and join
+# exactly as the one-thread pass. ``team`` = (threads, GOMP_parallel, omp_get_thread_num,
+# omp_get_num_threads, the dtype's callback): threads 1 (or no libgomp) runs the pass here.
+# A pass is cut into parts of at least PART_MIN parameters, one per thread asked for; a
+# thread runs every part its number reaches, stepping by the threads the region really got
+# (OMP_DYNAMIC, OMP_THREAD_LIMIT or a nested region can give fewer), so no part is lost and
+# each part's arithmetic is the one-thread pass's. Only the common rules' passes go to the
+# team (momentum and Adam without decay): the callback stays a small, quick compile.
+TEAM_THREADS, TEAM_PARALLEL, TEAM_THREAD_NUM, TEAM_NUM_THREADS, TEAM_CALLBACK = range(5)
+TEAM_SIZE = 5
+# parameters a part: a team costs a few us to start and join, and measured a gain at two parts
+# of 16k and more (2 cores only; benchmarks/results/team-passes-ab-20261203T084327Z.json)
+PART_MIN = 1 << 14
 PASS_ALIGN = 16  # part boundaries 64 bytes apart from lo: at most one cache line shared per boundary
 # the block a pass hands its callback: int64 slots, the task's scalars as float64 bits
-B_TASK, B_THREAD_NUM, B_PARTS, B_LO, B_HI, B_N, B_P, B_G, B_M, B_V, B_SCALARS = range(11)
+B_TASK, B_THREAD_NUM, B_NUM_THREADS, B_PARTS, B_LO, B_HI, B_N, B_P, B_G, B_M, B_V, B_SCALARS = range(12)
 BLOCK = B_SCALARS + 7
 # the passes a team runs: _scaled_velocity_pass (scalars lr, keep), heavy_ball (mom, lr) and
 # adam_range (b1 .. inv_bc2); every other rule's pass stays on the calling thread
 TASK_SCALED_VELOCITY, TASK_HEAVY_BALL, TASK_ADAM = 1, 2, 3
+
+
+def alone() -> np.ndarray:
+    """The team of this thread only."""
+    team = np.zeros(TEAM_SIZE, np.int64)
+    team[TEAM_THREADS] = 1
+    return team
 
 
 @intrinsic
@@ -830,21 +842,21 @@ def _scaled_velocity_pass(P, M, lo, hi, lr, keep):
 def _run_part(block, like):
     """This thread's part of the pass ``block`` describes (the callback's body)."""
     old = flush_denormals()
-    a, b = _part(block[B_LO], block[B_HI], _call_int(block[B_THREAD_NUM]), block[B_PARTS])
     f = carray(_pointer_at(block.ctypes.data, np.float64(0.0)), (BLOCK,))[B_SCALARS:]
     T = type(like)
-    n = block[B_N]
+    n, parts, task = block[B_N], block[B_PARTS], block[B_TASK]
     P, M = carray(_pointer_at(block[B_P], like), (n,)), carray(_pointer_at(block[B_M], like), (n,))
-    task = block[B_TASK]
-    # the argument types of the one-thread calls (uint64 bounds in _update_range), so each
-    # callee compiles once whichever caller comes first
-    if task == TASK_SCALED_VELOCITY:
-        _scaled_velocity_pass(P, M, a, b, T(f[0]), T(f[1]))
-    elif task == TASK_HEAVY_BALL:
-        heavy_ball(P, carray(_pointer_at(block[B_G], like), (n,)), M, _U(a), _U(b), T(f[0]), T(f[1]))
-    elif task == TASK_ADAM:
-        adam_range(P, carray(_pointer_at(block[B_G], like), (n,)), M, carray(_pointer_at(block[B_V], like), (n,)),
-                   _U(a), _U(b), (T(f[0]), T(f[1]), T(f[2]), T(f[3]), T(f[4]), T(f[5]), T(f[6])))
+    for t in range(_call_int(block[B_THREAD_NUM]), parts, max(1, _call_int(block[B_NUM_THREADS]))):
+        a, b = _part(block[B_LO], block[B_HI], t, parts)
+        # the argument types of the one-thread calls (uint64 bounds in _update_range), so each
+        # callee compiles once whichever caller comes first
+        if task == TASK_SCALED_VELOCITY:
+            _scaled_velocity_pass(P, M, a, b, T(f[0]), T(f[1]))
+        elif task == TASK_HEAVY_BALL:
+            heavy_ball(P, carray(_pointer_at(block[B_G], like), (n,)), M, _U(a), _U(b), T(f[0]), T(f[1]))
+        elif task == TASK_ADAM:
+            adam_range(P, carray(_pointer_at(block[B_G], like), (n,)), M, carray(_pointer_at(block[B_V], like), (n,)),
+                       _U(a), _U(b), (T(f[0]), T(f[1]), T(f[2]), T(f[3]), T(f[4]), T(f[5]), T(f[6])))
     restore_denormals(old)
 
 
@@ -874,29 +886,32 @@ _CALLBACKS: dict = {}
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
-def _team_pass(team, task, P, G, M, V, lo, hi, scalars):
-    """``task`` over ``[lo, hi)`` split among ``team``'s threads (one part each, this one's
-    included): the block the callback reads, then ``GOMP_parallel``. ``scalars``: 7 of the
-    dtype, the task's first."""
+def _team_pass(team, parts, task, P, G, M, V, lo, hi, scalars):
+    """``task`` over ``[lo, hi)`` cut into ``parts`` (``_team_parts``) on ``team``'s threads,
+    this one included: the block the callback reads, then ``GOMP_parallel``. ``scalars``: 7 of
+    the dtype, the task's first."""
     block = np.empty(BLOCK, np.int64)
     floats = block.view(np.float64)
-    block[B_TASK], block[B_THREAD_NUM], block[B_PARTS] = task, team[TEAM_THREAD_NUM], team[TEAM_THREADS]
-    block[B_LO], block[B_HI], block[B_N] = lo, hi, P.size
+    block[B_TASK], block[B_THREAD_NUM], block[B_NUM_THREADS] = task, team[TEAM_THREAD_NUM], team[TEAM_NUM_THREADS]
+    block[B_PARTS], block[B_LO], block[B_HI], block[B_N] = parts, lo, hi, P.size
     block[B_P], block[B_G], block[B_M], block[B_V] = P.ctypes.data, G.ctypes.data, M.ctypes.data, V.ctypes.data
     for i in range(7):
         floats[B_SCALARS + i] = scalars[i]
-    _team_run(team, block)
+    _team_run(team, block, parts)
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
-def _team_run(team, block):
-    """``GOMP_parallel`` of the team's callback on ``block``: one part per thread, this one's included."""
-    _omp_parallel(team[TEAM_PARALLEL], team[TEAM_CALLBACK], block.ctypes.data, team[TEAM_THREADS])
+def _team_run(team, block, threads):
+    """``GOMP_parallel`` of the team's callback on ``block``, asking for ``threads`` threads."""
+    _omp_parallel(team[TEAM_PARALLEL], team[TEAM_CALLBACK], block.ctypes.data, threads)
 
 
 @njit(cache=True, error_model="numpy", fastmath=False, inline="always")
-def _threaded(team, lo, hi):
-    return team.size >= TEAM_SIZE and team[TEAM_THREADS] > 1 and hi - lo >= PARTS_MIN
+def _team_parts(team, n):
+    """How many parts a pass over ``n`` parameters is cut into on ``team`` (1: no team)."""
+    if team.size < TEAM_SIZE or team[TEAM_THREADS] < 2:
+        return 1
+    return max(1, min(team[TEAM_THREADS], n // PART_MIN))
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
@@ -912,11 +927,12 @@ def _apply_update(hp, step, sizes, params, grads, state, rows, team):
     task = TASK_HEAVY_BALL if kind == SGD and mom != 0 and plain and not c[3] else TASK_ADAM if kind == ADAM and plain else 0
     for l in range(sizes.size - 1):
         lo, hi = w_off[l], b_off[l]
-        if task == TASK_HEAVY_BALL and _threaded(team, lo, hi):
+        parts = _team_parts(team, hi - lo) if task else 1
+        if parts > 1 and task == TASK_HEAVY_BALL:
             M = state[0]
-            _team_pass(team, task, params, grads, M, M, lo, hi, (mom, c[1], zero, zero, zero, zero, zero))
-        elif task == TASK_ADAM and _threaded(team, lo, hi):
-            _team_pass(team, task, params, grads, state[0], state[1], lo, hi, c[6:])
+            _team_pass(team, parts, task, params, grads, M, M, lo, hi, (mom, c[1], zero, zero, zero, zero, zero))
+        elif parts > 1 and task == TASK_ADAM:
+            _team_pass(team, parts, task, params, grads, state[0], state[1], lo, hi, c[6:])
         else:
             _update_range(c, params, grads, state, lo, hi, l2)
         _update_range(c, params, grads, state, hi, hi + sizes[l + 1], zero)
@@ -1163,9 +1179,9 @@ def _row_correct(loss, a, lo, Y, row):
 # core's cache. Splitting the update alone ran 4x slower: the next forward pass, on this
 # thread, pulled every row the other core had written back across (784-128-10 momentum,
 # ~180 against ~40 us an example). Each row's arithmetic is the one-thread code's.
-(E_THREAD_NUM, E_PARTS, E_N_OUT, E_N_IN, E_N, E_P, E_S, E_S_ROWS, E_HP, E_STEP, E_WORK, E_UNITS, E_W, E_B, E_Z,
- E_HIDDEN, E_X, E_X_N, E_NEXT, E_L2) = range(20)
-EBLOCK = 20
+(E_THREAD_NUM, E_NUM_THREADS, E_PARTS, E_N_OUT, E_N_IN, E_N, E_P, E_S, E_S_ROWS, E_HP, E_STEP, E_WORK, E_UNITS,
+ E_W, E_B, E_Z, E_HIDDEN, E_X, E_X_N, E_NEXT, E_L2) = range(21)
+EBLOCK = 21
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
@@ -1174,8 +1190,7 @@ def _run_example_rows(block, like):
     input the workspace holds, then (``E_NEXT`` >= 0: the next example's offset in X) that
     example's z and activation for the same rows."""
     old = flush_denormals()
-    t, parts, n_out, n_in = _call_int(block[E_THREAD_NUM]), block[E_PARTS], block[E_N_OUT], block[E_N_IN]
-    r0, r1 = n_out * t // parts, n_out * (t + 1) // parts
+    parts, n_out, n_in = block[E_PARTS], block[E_N_OUT], block[E_N_IN]
     n, units, wo, bo, zo = block[E_N], block[E_UNITS], block[E_W], block[E_B], block[E_Z]
     P = carray(_pointer_at(block[E_P], like), (n,))
     S = carray(_pointer_at(block[E_S], like), (block[E_S_ROWS], n))
@@ -1183,12 +1198,14 @@ def _run_example_rows(block, like):
     zs, acts, ds = work[:units], work[units:2 * units], work[2 * units:]
     hp = carray(_pointer_at(block[E_HP], np.float64(0.0)), (HP_L2 + 1,))
     l2 = type(like)(carray(_pointer_at(block.ctypes.data, np.float64(0.0)), (EBLOCK,))[E_L2])
-    rank1_step(rule_scalars(hp, block[E_STEP], type(like)(1.0)), P, S, wo + r0 * n_in, bo + r0, r1 - r0, n_in, ds,
-               zo + r0, acts, zo - zo, l2)
-    if block[E_NEXT] >= 0:
-        X = carray(_pointer_at(block[E_X], like), (block[E_X_N],))
-        dense(P, wo + r0 * n_in, bo + r0, r1 - r0, n_in, X, block[E_NEXT], zs, zo + r0)
-        act_range(block[E_HIDDEN], zs, acts, zo + r0, r1 - r0)
+    c = rule_scalars(hp, block[E_STEP], type(like)(1.0))
+    for t in range(_call_int(block[E_THREAD_NUM]), parts, max(1, _call_int(block[E_NUM_THREADS]))):
+        r0, r1 = n_out * t // parts, n_out * (t + 1) // parts
+        rank1_step(c, P, S, wo + r0 * n_in, bo + r0, r1 - r0, n_in, ds, zo + r0, acts, zo - zo, l2)
+        if block[E_NEXT] >= 0:
+            X = carray(_pointer_at(block[E_X], like), (block[E_X_N],))
+            dense(P, wo + r0 * n_in, bo + r0, r1 - r0, n_in, X, block[E_NEXT], zs, zo + r0)
+            act_range(block[E_HIDDEN], zs, acts, zo + r0, r1 - r0)
     restore_denormals(old)
 
 
@@ -1205,7 +1222,9 @@ def example_team(team, sizes, hidden, P, S, X, hp, work) -> np.ndarray:
     addresses of this call's arrays, which outlive it; ``E_STEP`` and ``E_NEXT`` are set per
     example by the kernel)."""
     block = np.zeros(EBLOCK, np.int64)
-    block[[E_THREAD_NUM, E_PARTS, E_N_OUT, E_N_IN]] = team[TEAM_THREAD_NUM], team[TEAM_THREADS], sizes[1], sizes[0]
+    parts = min(int(team[TEAM_THREADS]), sizes[0] * sizes[1] // PART_MIN, int(sizes[1]))
+    block[[E_THREAD_NUM, E_NUM_THREADS, E_PARTS]] = team[TEAM_THREAD_NUM], team[TEAM_NUM_THREADS], max(1, parts)
+    block[[E_N_OUT, E_N_IN]] = sizes[1], sizes[0]
     block[[E_N, E_P, E_S, E_S_ROWS]] = P.size, P.ctypes.data, S.ctypes.data, S.shape[0]
     block[[E_HP, E_WORK, E_UNITS]] = hp.ctypes.data, work.ctypes.data, work.size // 3
     block[[E_W, E_B, E_Z, E_HIDDEN]] = 0, sizes[0] * sizes[1], sizes[0], hidden  # layer 0: w_off, b_off, u_off[1]
@@ -1239,8 +1258,10 @@ def _examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, 
     correct = 0
     L = n_layers - 1
     shuffled = order.size > 0
-    rows_on_team = not plain and n_layers >= 2 and team.size == TEAM_SIZE + EBLOCK and _threaded(team, w_off[0], b_off[0])
     block = team[TEAM_SIZE:]  # example_team's (empty where there is no team)
+    # a softmax's rows are not independent: a part could not finish its activations alone
+    rows_on_team = (not plain and n_layers >= 2 and hidden != SOFTMAX and block.size == EBLOCK
+                    and team[TEAM_THREADS] > 1 and block[E_PARTS] > 1)
     ahead = 0  # the first layer of this example computed by the last team run
     for s in range(X.shape[0]):
         row = order[s] if shuffled else s
@@ -1262,7 +1283,7 @@ def _examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, 
             elif l == 0 and rows_on_team:
                 block[E_STEP] = step[0]
                 block[E_NEXT] = -1 if s + 1 == X.shape[0] else (order[s + 1] if shuffled else s + 1) * sizes[0]
-                _team_run(team, block)
+                _team_run(team, block, block[E_PARTS])
                 ahead = 1 if s + 1 < X.shape[0] else 0
             else:
                 rank1_step(c, params, state, w_off[l], b_off[l], sizes[l + 1], sizes[l], ds, u_off[l + 1], acts,
@@ -1713,9 +1734,10 @@ def _momentum_step(D, A, P, G, M, wo, bo, plan, beta, keep, lr):
     for j in range(_U(bo), _U(hi)):
         M[j] = M[j] * beta + G[j]
     team = plan[TEAM:]
-    if _threaded(team, wo, hi):
+    parts = _team_parts(team, hi - wo)
+    if parts > 1:
         zero = lr - lr
-        _team_pass(team, TASK_SCALED_VELOCITY, P, G, M, M, wo, hi, (lr, keep, zero, zero, zero, zero, zero))
+        _team_pass(team, parts, TASK_SCALED_VELOCITY, P, G, M, M, wo, hi, (lr, keep, zero, zero, zero, zero, zero))
     else:
         _scaled_velocity_pass(P, M, wo, hi, lr, keep)
 

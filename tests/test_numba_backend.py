@@ -350,17 +350,17 @@ def test_small_epochs_run_blas_on_one_thread_and_restore_it():
     params, grads = rng.standard_normal(spec.n_params) * 0.1, np.empty(spec.n_params)
     X, Y = rng.standard_normal((8, 4)), np.eye(3)[rng.integers(0, 3, 8)]
     before = NB._blas.get_num_threads()
-    real = NB._k.batch_epoch
+    kernels = NB._k
 
     class Spy:
         def __getattr__(self, name):
-            return getattr(NB._k, name)
+            return getattr(kernels, name)
 
         def batch_epoch(self, *args):
             seen.append(NB._blas.get_num_threads())
-            return real(*args)
+            return kernels.batch_epoch(*args)
 
-    kernels, NB._k = NB._k, Spy()
+    NB._k = Spy()
     try:
         NB.train_epoch(spec, params, grads, X, Y, 4, SGD01, _no_state(spec), "vectorized")
     finally:
@@ -462,7 +462,7 @@ def test_shallow_epoch_equals_the_layer_by_layer_epoch(hidden, loss, output, rul
     sizes, h, o, lc = NB._spec(net.spec)
     results = []
     order = np.random.default_rng(6).permutation(17)
-    alone = np.array([1, 0, 0, 0], np.int64)  # examples_epoch's team: this thread only
+    alone = K.alone()  # examples_epoch's team: this thread only
     for run in (K.shallow_epoch, lambda *args: K.examples_epoch(*args, alone)):
         params, state = net._params.copy(), _state(rule, net.spec)
         state.step[0] = 3  # mid-trajectory: the bias corrections start from step 3
@@ -959,19 +959,19 @@ def test_parts_cover_the_span_once_on_line_boundaries():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rule", RULE_CASES, ids=RULE_ID)
 def test_an_update_pass_on_the_team_rounds_as_on_one_thread(rule, dtype):
-    """apply_update with a layer above PARTS_MIN split between two threads: every parameter and
+    """apply_update with a layer of two parts' weights split between two threads: every parameter and
     state entry bit-identical to the one-thread pass (a part left undone or done twice differs)."""
     from fastbp.kernels import numba_kernels as K
 
     team = _team_or_skip(dtype)
-    spec = NetSpec((301, 131, 7), "relu", "softmax", "cross_entropy", np.dtype(dtype))  # 39431 weights: > PARTS_MIN
-    assert spec.sizes[0] * spec.sizes[1] >= K.PARTS_MIN
+    spec = NetSpec((301, 131, 7), "relu", "softmax", "cross_entropy", np.dtype(dtype))  # 39431 weights: two parts
+    assert K._team_parts(team, spec.sizes[0] * spec.sizes[1]) == 2
     rng = np.random.default_rng(6)
     params0 = rng.standard_normal(spec.n_params).astype(dtype)
     state0 = (rng.standard_normal((rule.n_buffers, spec.n_params)) ** 2 * 0.01).astype(dtype)
     grads = [rng.standard_normal(spec.n_params).astype(dtype) for _ in range(3)]
     out = []
-    for t in (team, np.array([1, 0, 0, 0], np.int64)):
+    for t in (team, K.alone()):
         params, state, step = params0.copy(), state0.copy(), np.array([3], np.int64)
         for g in grads:
             K.apply_update(rule.hyper(), step, NB._spec(spec)[0], params, g, state, 16, t)
@@ -992,7 +992,7 @@ def test_the_momentum_pass_on_the_team_rounds_as_on_one_thread(dtype):
     P0, M0 = rng.standard_normal(70_001).astype(dtype), rng.standard_normal(70_001).astype(dtype)
     got, want = (P0.copy(), M0.copy()), (P0.copy(), M0.copy())
     zero = T(0.0)
-    K._team_pass(team, K.TASK_SCALED_VELOCITY, got[0], got[0], got[1], got[1], 3, 69_998,
+    K._team_pass(team, 2, K.TASK_SCALED_VELOCITY, got[0], got[0], got[1], got[1], 3, 69_998,
                  (T(0.05), T(0.9), zero, zero, zero, zero, zero))
     K._scaled_velocity_pass(want[0], want[1], 3, 69_998, T(0.05), T(0.9))
     np.testing.assert_array_equal(got[0], want[0])
@@ -1013,7 +1013,8 @@ def test_a_mini_batch_epoch_with_team_passes_is_the_epoch_without(optimizer, mon
     got = []
     for on in (True, False):
         monkeypatch.setattr(type(NB), "TEAM_PASSES", on)
-        net = fb.MLP([784, 200, 10], activation="relu", loss="cross_entropy", dtype="float32", seed=0)
+        with fb.use_backend("numba"):
+            net = fb.MLP([784, 200, 10], activation="relu", loss="cross_entropy", dtype="float32", seed=0)
         opt = fb.optim.SGD(lr=0.05, momentum=0.9) if optimizer == "momentum" else fb.optim.Adam(lr=1e-3)
         net.fit(X, y, epochs=2, batch_size=64, optimizer=opt, seed=1, threads=2, progress=False)
         got.append(np.concatenate([a.ravel() for part in net.get_params() for a in part]))
@@ -1023,27 +1024,134 @@ def test_a_mini_batch_epoch_with_team_passes_is_the_epoch_without(optimizer, mon
 def test_the_team_is_one_thread_unless_mkl_runs_on_libgomp(monkeypatch):
     import dataclasses
 
-    assert NB.team(1, np.dtype("float32")).tolist() == [1, 0, 0, 0]
+    from fastbp.kernels import blas
+    from fastbp.kernels import numba_kernels as K
+
+    alone = K.alone().tolist()
+    assert alone[K.TEAM_THREADS] == 1 and not any(alone[1:])
+    assert NB.team(1, np.dtype("float32")).tolist() == alone
     monkeypatch.setattr(NB, "blas_library", dataclasses.replace(NB.blas_library, omp_parallel=0, omp_thread_num=0))
-    assert NB.team(2, np.dtype("float32")).tolist() == [1, 0, 0, 0]
+    assert NB.team(2, np.dtype("float32")).tolist() == alone
     assert "on the calling thread" in NB.info()["update_passes"]
     monkeypatch.undo()
     monkeypatch.setattr(type(NB), "TEAM_PASSES", False)
-    assert NB.team(2, np.dtype("float64")).tolist() == [1, 0, 0, 0]
+    assert NB.team(2, np.dtype("float64")).tolist() == alone
+    monkeypatch.undo()
+    monkeypatch.setattr(blas, "_CHILD_CAP", 1)  # a forked child: libgomp's pool is gone
+    assert NB.team(2, np.dtype("float32")).tolist() == alone
 
 
+def test_a_pass_is_cut_into_parts_of_at_least_part_min():
+    from fastbp.kernels import numba_kernels as K
+
+    team = np.array([16, 1, 1, 1, 1], np.int64)  # never run: only its size is read
+    assert K._team_parts(team, 2 * K.PART_MIN - 1) == 1
+    assert K._team_parts(team, 2 * K.PART_MIN) == 2
+    assert K._team_parts(team, 100 * K.PART_MIN) == 16
+    assert K._team_parts(K.alone(), 100 * K.PART_MIN) == 1
+    assert K._team_parts(team[:0], 100 * K.PART_MIN) == 1
+
+
+class _SerialTeam:
+    """A stand-in for libgomp: its "GOMP_parallel" runs the callback ``granted`` times on this
+    thread, as threads 0 .. granted-1 of a region of ``granted`` threads (what OMP_DYNAMIC,
+    OMP_THREAD_LIMIT or a nested region may grant, whatever was asked), and records what
+    each call asked for. Runs anywhere: no MKL or libgomp needed."""
+
+    def __init__(self, granted):
+        import ctypes
+
+        self.granted, self.thread, self.asked = granted, 0, []
+        callback_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+        def parallel(fn, data, threads, flags):
+            self.asked.append(threads)
+            for self.thread in range(self.granted):
+                callback_type(fn)(data)
+            self.thread = 0
+
+        self._keep = (ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint)(parallel),
+                      ctypes.CFUNCTYPE(ctypes.c_int)(lambda: self.thread),
+                      ctypes.CFUNCTYPE(ctypes.c_int)(lambda: self.granted))
+        self.addresses = [ctypes.cast(f, ctypes.c_void_p).value for f in self._keep]
+
+    def team(self, threads, dtype, kind="update"):
+        from fastbp.kernels import numba_kernels as K
+
+        return np.array([threads, *self.addresses, K.pass_callback(dtype, kind)], np.int64)
+
+
+@pytest.mark.parametrize("granted", [1, 2, 3])
+@pytest.mark.parametrize("parts", [2, 3])
+def test_every_part_runs_whatever_threads_the_region_is_granted(parts, granted):
+    """A region granted fewer threads than parts (or more): each part once, bit-identical."""
+    from fastbp.kernels import numba_kernels as K
+
+    fake = _SerialTeam(granted)
+    rng = np.random.default_rng(8)
+    P0, M0 = rng.standard_normal(70_001).astype(np.float32), rng.standard_normal(70_001).astype(np.float32)
+    got, want = (P0.copy(), M0.copy()), (P0.copy(), M0.copy())
+    zero = np.float32(0.0)
+    K._team_pass(fake.team(parts, np.float32), parts, K.TASK_SCALED_VELOCITY, got[0], got[0], got[1], got[1], 3,
+                 69_998, (np.float32(0.05), np.float32(0.9), zero, zero, zero, zero, zero))
+    K._scaled_velocity_pass(want[0], want[1], 3, 69_998, np.float32(0.05), np.float32(0.9))
+    assert fake.asked == [parts]
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_a_mini_batch_epoch_on_a_one_thread_region_is_the_epoch_alone(optimizer, dtype):
+    """batch_epoch's momentum pass and apply_update's passes handed to a team whose region
+    gets one thread: they ran there (the stand-in was called) and every part was done."""
+    from fastbp.kernels import numba_kernels as K
+
+    spec = NetSpec((301, 131, 7), "relu", "softmax", "cross_entropy", np.dtype(dtype))
+    rule = UpdateRule("sgd", lr=0.05, momentum=0.9) if optimizer == "momentum" else UpdateRule("adam", lr=1e-3)
+    rng = np.random.default_rng(10)
+    X = rng.random((96, 301)).astype(dtype)
+    Y = np.eye(7, dtype=dtype)[rng.integers(0, 7, 96)]
+    params0 = (rng.standard_normal(spec.n_params) * 0.05).astype(dtype)
+    fake = _SerialTeam(1)
+    codes = NB._spec(spec)
+    out = []
+    for team in (fake.team(2, dtype), K.alone()):
+        params, grads = params0.copy(), np.zeros_like(params0)
+        state = np.zeros((rule.n_buffers, spec.n_params), dtype)
+        step, work = np.zeros(1, np.int64), np.empty(NB._workspace(spec, 32, np.dtype(dtype)).size, dtype)
+        plan = np.concatenate([np.array([NB.FORWARD_BLAS_MIN, NB.BACKWARD_BLAS_MIN], np.int64), team])
+        K.batch_epoch(*codes, params, grads, X, Y, np.arange(0, dtype=np.int64), 32, rule.hyper(), step, state, work, plan)
+        K.apply_update(rule.hyper(), step, codes[0], params, grads, state, 32, team)
+        out.append((params, state, step))
+    assert len(fake.asked) == (4 if optimizer == "momentum" else 4) and set(fake.asked) == {2}
+    for got, want in zip(*out):
+        np.testing.assert_array_equal(got, want)
+
+
+def _example_team_or_skip(source, dtype):
+    """The per-example team: MKL's libgomp pool, or a stand-in whose region gets one thread."""
+    if source == "libgomp":
+        team = NB.team(2, np.dtype(dtype), "example")
+        if team[0] < 2:
+            pytest.skip(f"no team here: update passes {NB.team_description()}")
+        return team, None
+    fake = _SerialTeam(1)
+    return fake.team(2, dtype, "example"), fake
+
+
+@pytest.mark.parametrize("source", ["libgomp", "one-thread-region"])
 @pytest.mark.parametrize("sizes", [(301, 131, 7), (301, 131, 20, 7)], ids=["one-hidden", "two-hidden"])
 @pytest.mark.parametrize("rule", RULE_CASES, ids=RULE_ID)
-def test_per_example_rows_on_the_team_round_as_on_one_thread(rule, sizes):
+def test_per_example_rows_on_the_team_round_as_on_one_thread(rule, sizes, source):
     """examples_epoch with the first layer's rows (39k weights) on two threads -- each
     thread's update, then the next example's z and activation for its rows -- against one
     thread: the same parameters, state, cost and count bit for bit, in a shuffled order, and
-    stopping at the same example before a NaN row."""
+    stopping at the same example before a NaN row. On the stand-in the team ran once an
+    example and its one thread did both parts."""
     from fastbp.kernels import numba_kernels as K
 
-    team = NB.team(2, np.dtype("float32"), "example")
-    if team[0] < 2:
-        pytest.skip(f"no team here: update passes {NB.team_description()}")
+    team, fake = _example_team_or_skip(source, "float32")
     spec = NetSpec(sizes, "relu", "softmax", "cross_entropy", np.dtype("float32"))
     rng = np.random.default_rng(9)
     params0 = (rng.standard_normal(spec.n_params) * 0.05).astype(np.float32)
@@ -1057,8 +1165,39 @@ def test_per_example_rows_on_the_team_round_as_on_one_thread(rule, sizes):
             params, state, step = params0.copy(), np.zeros((rule.n_buffers, spec.n_params), np.float32), np.zeros(1, np.int64)
             hp, codes = rule.hyper(), NB._spec(spec)
             t = K.example_team(team, codes[0], codes[1], params, state, Xe, hp, work) if on_team else team[:0]
+            if fake is not None:
+                fake.asked.clear()
             total, done, correct = K.examples_epoch(*codes, params, Xe, Y, order, hp, step, state, work, t)
+            if fake is not None and on_team:
+                plain = rule.kind == "sgd" and not (rule.momentum or rule.weight_decay or rule.l2)
+                assert fake.asked == ([] if plain else [2] * expect_done)
             out.append((params, state, step, total, done, correct))
         assert out[0][4] == out[1][4] == expect_done
+        for got, want in zip(*out):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_per_example_rows_in_float64_and_a_softmax_hidden_layer():
+    """float64 rows on the (one-thread-region) team bit for bit; a softmax hidden layer's rows
+    are not independent, so they never go to the team."""
+    from fastbp.kernels import numba_kernels as K
+
+    rule = UpdateRule("adam", lr=1e-3)
+    for dtype, hidden, expect_calls in (("float64", "relu", 30), ("float32", "softmax", 0)):
+        fake = _SerialTeam(1)
+        team = fake.team(2, dtype, "example")
+        spec = NetSpec((301, 131, 7), hidden, "softmax", "cross_entropy", np.dtype(dtype))
+        rng = np.random.default_rng(11)
+        params0 = (rng.standard_normal(spec.n_params) * 0.05).astype(dtype)
+        X, Y = rng.random((30, 301)).astype(dtype), np.eye(7, dtype=dtype)[rng.integers(0, 7, 30)]
+        work = np.empty(3 * sum(spec.sizes), dtype)
+        out = []
+        for on_team in (True, False):
+            params, state, step = params0.copy(), np.zeros((2, spec.n_params), dtype), np.zeros(1, np.int64)
+            hp, codes = rule.hyper(), NB._spec(spec)
+            t = K.example_team(team, codes[0], codes[1], params, state, X, hp, work) if on_team else K.alone()
+            out.append((params, state, *K.examples_epoch(*codes, params, X, Y, np.arange(0, dtype=np.int64), hp, step,
+                                                         state, work, t)))
+        assert len(fake.asked) == expect_calls
         for got, want in zip(*out):
             np.testing.assert_array_equal(got, want)
