@@ -26,6 +26,7 @@ does not survive ``fork()``, so a forked child runs MKL on one thread (``child_t
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from dataclasses import dataclass
 
@@ -208,6 +209,7 @@ def _mkl(path: str, reason: str) -> BlasLibrary:
     return BlasLibrary("mkl", _library_file(sgemm) or path, reason, threading, sgemm, dgemm, *omp)
 
 
+@functools.lru_cache(maxsize=1)
 def _libgomp_team() -> tuple[int, int, int]:
     """Addresses of libgomp's GOMP_parallel, omp_get_thread_num and omp_get_num_threads
     ((0, 0, 0) where it lacks them)."""
@@ -217,6 +219,23 @@ def _libgomp_team() -> tuple[int, int, int]:
                      for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads"))
     except (OSError, AttributeError):
         return 0, 0, 0
+
+
+_OWN_POOL_PID: int | None = None
+
+
+def own_libgomp() -> tuple[int, int, int]:
+    """``_libgomp_team``'s addresses for a team of fastbp's own, where the BLAS's threads are not
+    libgomp's (OpenBLAS's pthreads): the per-example rows run on libgomp's pool while the BLAS's
+    threads sleep (a per-example epoch makes no BLAS call). (0, 0, 0) where libgomp is not
+    loadable, or in a process forked after this process asked for them: libgomp's pool does not
+    survive fork(), and a region in the child would wait for threads that are not there."""
+    global _OWN_POOL_PID
+    if _OWN_POOL_PID is None:
+        _OWN_POOL_PID = os.getpid()
+    elif _OWN_POOL_PID != os.getpid():
+        return 0, 0, 0
+    return _libgomp_team()
 
 
 def _fork_child_single_thread(lib):

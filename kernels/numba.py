@@ -291,29 +291,46 @@ class NumbaBackend(Backend):
     SMALL_NET_MAX_PARAMS = 1024
     # Update passes (the optimizer step over a layer's weights) run on the GEMMs' threads where
     # MKL's pool is libgomp's (kernels/numba_kernels.py, "update passes on the BLAS threads");
-    # FASTBP_TEAM_PASSES=0 keeps them on the calling thread (same results, bit for bit).
+    # per example a wide first layer's rows run on a team too, libgomp's own pool where the
+    # BLAS is not MKL on libgomp (a per-example epoch calls no BLAS, so the two pools never
+    # want the cores at once). FASTBP_TEAM_PASSES=0 keeps both on the calling thread (same
+    # results, bit for bit).
     TEAM_PASSES = os.environ.get("FASTBP_TEAM_PASSES", "1").strip() != "0"
+    OWN_POOL_KINDS = ("example",)  # the callbacks libgomp's own pool runs beside another BLAS
+
+    def _pool(self, kind) -> tuple[int, int, int]:
+        """The libgomp addresses (``TEAM_PARALLEL`` .. ``TEAM_NUM_THREADS``) a team for ``kind``
+        uses: MKL's pool, libgomp's own for ``OWN_POOL_KINDS``, else zeros (no team)."""
+        lib = self.blas_library
+        mkl = (lib.omp_parallel, lib.omp_thread_num, lib.omp_num_threads)
+        if all(mkl):
+            return mkl
+        return _blas.own_libgomp() if kind in self.OWN_POOL_KINDS else (0, 0, 0)
 
     def team_description(self) -> str:
         lib = self.blas_library
         if not self.TEAM_PASSES:
             return "on the calling thread (FASTBP_TEAM_PASSES=0)"
-        if not (lib.omp_parallel and lib.omp_thread_num and lib.omp_num_threads):
-            return (f"on the calling thread: the BLAS is {lib.name} ({lib.threading}), not MKL on libgomp, "
-                    "whose pool they would share")
-        return ("on the BLAS threads, through libgomp's GOMP_parallel (MKL's own pool): update passes, and per "
-                f"example a first layer's rows, in parts of at least {self._k.PART_MIN} parameters")
+        parts = f"in parts of at least {self._k.PART_MIN} parameters"
+        if all(self._pool("update")):
+            return ("on the BLAS threads, through libgomp's GOMP_parallel (MKL's own pool): update passes, and per "
+                    f"example a first layer's rows, {parts}")
+        if all(self._pool("example")):
+            return (f"update passes on the calling thread (the BLAS is {lib.name}, {lib.threading}, not MKL on "
+                    f"libgomp); per example a first layer's rows on libgomp's own pool, {parts}")
+        return (f"on the calling thread: the BLAS is {lib.name} ({lib.threading}), not MKL on libgomp, "
+                "and libgomp is not loadable")
 
     def team(self, threads: int, dtype, kind="update") -> np.ndarray:
         """The team for ``threads`` threads (``numba_kernels`` TEAM_*) running ``kind``'s callback
-        (``pass_callback``): one thread where the BLAS is not MKL on libgomp, in a forked child
-        (libgomp's pool does not survive the fork), or where ``TEAM_PASSES`` is off."""
-        lib = self.blas_library
-        if (threads <= 1 or _blas.child_thread_cap() is not None
-                or not (self.TEAM_PASSES and lib.omp_parallel and lib.omp_thread_num and lib.omp_num_threads)):
+        (``pass_callback``): one thread where no libgomp pool serves ``kind`` (``_pool``), in a
+        forked child (libgomp's pool does not survive the fork), or where ``TEAM_PASSES`` is off."""
+        if threads <= 1 or not self.TEAM_PASSES or _blas.child_thread_cap() is not None:
             return self._k.alone()
-        return np.array([threads, lib.omp_parallel, lib.omp_thread_num, lib.omp_num_threads,
-                         self._k.pass_callback(dtype, kind)], np.int64)
+        pool = self._pool(kind)
+        if not all(pool):
+            return self._k.alone()
+        return np.array([threads, *pool, self._k.pass_callback(dtype, kind)], np.int64)
 
     def __init__(self) -> None:
         from .numpy import NumpyBackend
@@ -443,8 +460,7 @@ class NumbaBackend(Backend):
                               "(set_threads(n) fixes them; a threadpoolctl limit is a ceiling); compiled mini-batch "
                               f"epochs whose largest GEMM is < {self.SMALL_GEMM_MAX} multiply-adds run BLAS on one "
                               "thread; the update passes of wide layers (and, per example, a wide first layer's rows) "
-                              "run on as many threads as the policy allows, where MKL's pool is libgomp's "
-                              "(update_passes)"),
+                              "run on as many threads as the policy allows, on a libgomp pool (update_passes)"),
             "cores": _usable_cores(),
             "cpu_name": _host_cpu_name(),
             "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
@@ -718,8 +734,8 @@ class NumbaBackend(Backend):
                 for bs, strategy in ((1, "vectorized"), (2, "loop"), (2, "vectorized")):
                     self.train_epoch(spec, params, grads, X, Y, bs, rule, state, strategy)
                 self.update(spec, rule, params, grads, state, n)
-        if self.team(2, dt)[0] > 1:  # the teams' callbacks (layers this small never start a team)
-            for kind in ("update", "example"):
+        for kind in ("update", "example"):  # the teams' callbacks (layers this small never start a team)
+            if self.team(2, dt, kind)[0] > 1:
                 self._k.pass_callback(dt, kind)
         small = np.ones((2, 3), dt)
         W = rng.standard_normal((3, 3)).astype(dt)

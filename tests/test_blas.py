@@ -145,6 +145,36 @@ def test_a_bad_variable_fails_the_backend_not_the_import_nor_a_direct_kernel_cal
     assert "direct gemm: 24.0" in proc.stdout
 
 
+def test_a_forked_child_trains_per_example_after_its_parent_used_libgomps_own_pool():
+    """The per-example rows' team beside OpenBLAS is libgomp's own pool, which does not survive
+    fork(): the child must train without it (a region there would wait forever)."""
+    if not blas._loadable("libgomp.so.1"):
+        pytest.skip("no libgomp here: no per-example team to fork")
+    code = textwrap.dedent("""
+        import os
+        import numpy as np
+        import fastbp as fb
+        from fastbp.kernels import blas
+        be = fb.backend._create("numba")
+        be.set_threads(2)
+        X, y = np.random.default_rng(0).random((64, 600)), np.arange(64) % 3
+        fit = lambda: fb.MLP([600, 60, 3], loss="cross_entropy", seed=0).fit(
+            X, y, epochs=1, batch_size=1, progress=False, threads=2, optimizer=fb.optim.SGD(lr=0.1, momentum=0.9))
+        with fb.use_backend("numba"):
+            fit()  # 36k first-layer weights: the rows ran on the pool
+            print("pool:", blas._OWN_POOL_PID == os.getpid())
+            pid = os.fork()
+            if pid == 0:
+                fit()
+                os._exit(0 if blas.own_libgomp() == (0, 0, 0) else 3)
+        _, status = os.waitpid(pid, 0)
+        print("child:", os.waitstatus_to_exitcode(status))
+    """)
+    proc = _run("openblas", code, timeout=120)  # a hang fails as TimeoutExpired
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pool: True" in proc.stdout and "child: 0" in proc.stdout
+
+
 @pytest.mark.skipif(not HAVE_MKL, reason="mkl not installed")
 def test_a_forked_child_of_an_mkl_parent_trains_on_one_thread():
     """libgomp's pool does not survive fork(): a 2-thread MKL GEMM, or an update pass on its
@@ -162,11 +192,13 @@ def test_a_forked_child_of_an_mkl_parent_trains_on_one_thread():
         X, y = np.random.default_rng(0).random((256, 600)), np.arange(256) % 3
         fit = lambda: fb.MLP([600, 60, 3], loss="cross_entropy", seed=0).fit(X, y, epochs=1, batch_size=128, progress=False, threads=2,
                                                        optimizer=fb.optim.SGD(lr=0.1, momentum=0.9))
-        fit()  # and its update passes' team (36k weights in the first layer)
+        with fb.use_backend("numba"):
+            fit()  # and its update passes' team (36k weights in the first layer)
         pid = os.fork()
         if pid == 0:
             be.matmul(a, a, out)
-            fit()
+            with fb.use_backend("numba"):
+                fit()
             os._exit(0 if out[0, 0] == 400 and be.info()["blas_threads_policy"]["threads"] == 1 else 3)
         _, status = os.waitpid(pid, 0)
         print("child:", os.waitstatus_to_exitcode(status))

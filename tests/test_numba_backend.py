@@ -7,6 +7,8 @@ whole trajectory sums in another order). float32 elementwise kernels agree to a 
 summation order of a length-k dot product differs between BLAS and a hand loop).
 """
 
+import os
+
 import numpy as np
 import pytest
 
@@ -1039,6 +1041,28 @@ def test_the_team_is_one_thread_unless_mkl_runs_on_libgomp(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(blas, "_CHILD_CAP", 1)  # a forked child: libgomp's pool is gone
     assert NB.team(2, np.dtype("float32")).tolist() == alone
+
+
+def test_per_example_rows_go_to_libgomps_own_pool_beside_another_blas(monkeypatch):
+    """Beside OpenBLAS the per-example rows still get a team, libgomp's own pool (a
+    per-example epoch calls no BLAS); the update passes do not (the two pools would fight for
+    the cores: 13x slower measured); a process forked after that pool was asked for gets none."""
+    import dataclasses
+
+    from fastbp.kernels import blas
+    from fastbp.kernels import numba_kernels as K
+
+    if not all(blas._libgomp_team()):
+        pytest.skip("libgomp is not loadable here")
+    monkeypatch.setattr(NB, "blas_library", dataclasses.replace(NB.blas_library, omp_parallel=0, omp_thread_num=0,
+                                                                omp_num_threads=0))
+    team = NB.team(2, np.dtype("float32"), "example")
+    assert team[K.TEAM_THREADS] == 2 and tuple(team[1:4]) == blas._libgomp_team()
+    assert NB.team(2, np.dtype("float32"), "update").tolist() == K.alone().tolist()
+    assert "libgomp's own pool" in NB.team_description()
+    monkeypatch.setattr(blas, "_OWN_POOL_PID", os.getpid() + 1)  # as in a forked child
+    assert blas.own_libgomp() == (0, 0, 0)
+    assert NB.team(2, np.dtype("float32"), "example").tolist() == K.alone().tolist()
 
 
 def test_a_pass_is_cut_into_parts_of_at_least_part_min():
