@@ -1172,6 +1172,12 @@ def _row_correct(loss, a, lo, Y, row):
     return 0
 
 
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
+def _plain_sgd(hp):
+    """SGD with no momentum, decay or l2: per example its step skips a zero delta's row (``rank1_update``)."""
+    return int(hp[HP_KIND]) == SGD and hp[HP_MOMENTUM] == 0 and hp[HP_WEIGHT_DECAY] == 0 and hp[HP_L2] == 0
+
+
 # Per example, a wide first layer's rows are split among the team too (``team`` as for the
 # update passes, with the "example" callback): each thread updates its rows of W and b for
 # this example, then computes the same rows of the next example's first layer (z and its
@@ -1198,10 +1204,16 @@ def _run_example_rows(block, like):
     zs, acts, ds = work[:units], work[units:2 * units], work[2 * units:]
     hp = carray(_pointer_at(block[E_HP], np.float64(0.0)), (HP_L2 + 1,))
     l2 = type(like)(carray(_pointer_at(block.ctypes.data, np.float64(0.0)), (EBLOCK,))[E_L2])
-    c = rule_scalars(hp, block[E_STEP], type(like)(1.0))
+    one = type(like)(1.0)
+    c = rule_scalars(hp, block[E_STEP], one)
+    plain = _plain_sgd(hp)
+    neg_lr = -one * type(one)(hp[HP_LR])
     for t in range(_call_int(block[E_THREAD_NUM]), parts, max(1, _call_int(block[E_NUM_THREADS]))):
         r0, r1 = n_out * t // parts, n_out * (t + 1) // parts
-        rank1_step(c, P, S, wo + r0 * n_in, bo + r0, r1 - r0, n_in, ds, zo + r0, acts, zo - zo, l2)
+        if plain:
+            rank1_update(P, wo + r0 * n_in, bo + r0, r1 - r0, n_in, ds, zo + r0, acts, zo - zo, neg_lr)
+        else:
+            rank1_step(c, P, S, wo + r0 * n_in, bo + r0, r1 - r0, n_in, ds, zo + r0, acts, zo - zo, l2)
         if block[E_NEXT] >= 0:
             X = carray(_pointer_at(block[E_X], like), (block[E_X_N],))
             dense(P, wo + r0 * n_in, bo + r0, r1 - r0, n_in, X, block[E_NEXT], zs, zo + r0)
@@ -1251,7 +1263,7 @@ def _examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, 
     units = u_off[n_layers + 1]
     zs, acts, ds = work[:units], work[units:2 * units], work[2 * units:3 * units]
     one = type(params[0])(1.0)
-    plain = int(hp[HP_KIND]) == SGD and hp[HP_MOMENTUM] == 0 and hp[HP_WEIGHT_DECAY] == 0 and hp[HP_L2] == 0
+    plain = _plain_sgd(hp)
     neg_lr = -one * type(one)(hp[HP_LR])
     l2 = type(one)(hp[HP_L2])  # rows = 1
     total = 0.0
@@ -1260,8 +1272,8 @@ def _examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, 
     shuffled = order.size > 0
     block = team[TEAM_SIZE:]  # example_team's (empty where there is no team)
     # a softmax's rows are not independent: a part could not finish its activations alone
-    rows_on_team = (not plain and n_layers >= 2 and hidden != SOFTMAX and block.size == EBLOCK
-                    and team[TEAM_THREADS] > 1 and block[E_PARTS] > 1)
+    rows_on_team = (n_layers >= 2 and hidden != SOFTMAX and block.size == EBLOCK and team[TEAM_THREADS] > 1
+                    and block[E_PARTS] > 1)
     ahead = 0  # the first layer of this example computed by the last team run
     for s in range(X.shape[0]):
         row = order[s] if shuffled else s
@@ -1277,14 +1289,14 @@ def _examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, 
         for l in range(L, -1, -1):
             if l > 0:
                 _example_backward(sizes, hidden, params, w_off, u_off, zs, acts, ds, l)
-            if plain:
-                rank1_update(params, w_off[l], b_off[l], sizes[l + 1], sizes[l], ds, u_off[l + 1], acts, u_off[l],
-                             neg_lr)
-            elif l == 0 and rows_on_team:
+            if l == 0 and rows_on_team:
                 block[E_STEP] = step[0]
                 block[E_NEXT] = -1 if s + 1 == X.shape[0] else (order[s + 1] if shuffled else s + 1) * sizes[0]
                 _team_run(team, block, block[E_PARTS])
                 ahead = 1 if s + 1 < X.shape[0] else 0
+            elif plain:
+                rank1_update(params, w_off[l], b_off[l], sizes[l + 1], sizes[l], ds, u_off[l + 1], acts, u_off[l],
+                             neg_lr)
             else:
                 rank1_step(c, params, state, w_off[l], b_off[l], sizes[l + 1], sizes[l], ds, u_off[l + 1], acts,
                            u_off[l], l2)
