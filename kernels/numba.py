@@ -321,16 +321,36 @@ class NumbaBackend(Backend):
         return (f"on the calling thread: the BLAS is {lib.name} ({lib.threading}), not MKL on libgomp, "
                 "and libgomp is not loadable")
 
+    def ready_team(self, threads: int, dtype, kind="update") -> np.ndarray:
+        """``team``, but where its callback is not compiled yet a helper process compiles it
+        into the disk cache while this one goes on alone (one thread) until the helper is done:
+        the first per-example fit does not wait ~6 s for it (numba_compile.CALLBACKS)."""
+        alone = self._k.alone()
+        if not self._teams_possible(threads, kind):
+            return alone
+        key = (np.dtype(dtype).name, kind)
+        helper = self._callback_helpers.get(key)
+        if helper is None and not self._k.callback_loaded(dtype, kind) and self._k.callback_cached(dtype, kind) is False:
+            helper = numba_compile.start(f"{kind}_callback", key[0])
+            if helper is not None:
+                self._callback_helpers[key] = helper
+        if helper is not None:
+            if helper.poll() is None:
+                return alone
+            del self._callback_helpers[key]  # done (or failed: then pass_callback compiles it here)
+        return self.team(threads, dtype, kind)
+
     def team(self, threads: int, dtype, kind="update") -> np.ndarray:
         """The team for ``threads`` threads (``numba_kernels`` TEAM_*) running ``kind``'s callback
         (``pass_callback``): one thread where no libgomp pool serves ``kind`` (``_pool``), in a
         forked child (libgomp's pool does not survive the fork), or where ``TEAM_PASSES`` is off."""
-        if threads <= 1 or not self.TEAM_PASSES or _blas.child_thread_cap() is not None:
+        if not self._teams_possible(threads, kind):
             return self._k.alone()
-        pool = self._pool(kind)
-        if not all(pool):
-            return self._k.alone()
-        return np.array([threads, *pool, self._k.pass_callback(dtype, kind)], np.int64)
+        return np.array([threads, *self._pool(kind), self._k.pass_callback(dtype, kind)], np.int64)
+
+    def _teams_possible(self, threads: int, kind) -> bool:
+        return (threads > 1 and self.TEAM_PASSES and _blas.child_thread_cap() is None
+                and all(self._pool(kind)))
 
     def __init__(self) -> None:
         from .numpy import NumpyBackend
@@ -346,6 +366,7 @@ class NumbaBackend(Backend):
         self._small: dict = {}  # (sizes, hidden, output, loss) -> generated kernel or None
         self._quiet = False  # warmup announces itself once instead of entry by entry
         self._helper = None  # a numba_compile process working on the entry being compiled
+        self._callback_helpers: dict = {}  # (dtype name, kind) -> numba_compile process compiling that callback
 
     def _compiling(self, name: str, args, dtype, disp=None):
         """Before a compiled entry's first call in this process: when the disk cache does not
@@ -668,7 +689,7 @@ class NumbaBackend(Backend):
             if self._is_small(spec):
                 total, done, correct = self._run("small_epoch" if small else "shallow_epoch", dt, *args, fn=small)
             else:
-                team = self.team(self._threads.decide(), dt, "example")
+                team = self.ready_team(self._threads.decide(), dt, "example")
                 if team[0] > 1:
                     team = self._k.example_team(team, sizes, hidden, params, buffers, X, hp, work)
                 total, done, correct = self._run("examples_epoch", dt, *args, team)
@@ -827,11 +848,13 @@ def _host_cpu_name() -> str:
 # (seconds, from the 2-core Xeon and the slower-compiling 2-core EPYC Zen 3: a first per-example
 # fit 12.2 / 14.3 s, a first batch-32 fit 22.5 / 32.2 s before its compile helper and 19-24 s on
 # the EPYC with it, warmup 28 / 49 s; cpu-peers-20261202T014939Z.json and T054506Z.json "jit",
-# jit-helper-20261202T063300Z.json; the first one also compiles what later ones share). With the
-# teams' callbacks a first per-example fit took 20.4 s on the Xeon SPR (cpu-peers-20261203T084534Z.json).
+# jit-helper-20261202T063300Z.json; the first one also compiles what later ones share). Compiling
+# the per-example team's callback too took a first per-example fit to 20.4 s on the Xeon SPR
+# (cpu-peers-20261203T084534Z.json); with a helper compiling it meanwhile (ready_team) 8.3 s on the
+# 2-core EPYC Zen 4, against 15.9 s compiling it in-process and 10.0 s with no team.
 _ENTRY = {
     "shallow_epoch": ("per-example training of a small network", "8-12"),
-    "examples_epoch": ("per-example training", "15-20"),
+    "examples_epoch": ("per-example training", "10-15"),
     "batch_epoch": ("mini-batch training", "15-25"),
     "loop_epoch": ("mini-batch training with the per-example loop", 4),
     "loop_batch": ("per-example gradients", 4),

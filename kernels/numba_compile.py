@@ -9,6 +9,7 @@ lets the first process load it instead (both cores work on the first fit). Where
 late, slow or fails, the first process compiles the part itself, as it would have anyway.
 
     python -m fastbp.kernels.numba_compile batch float32     # what NumbaBackend starts
+    python -m fastbp.kernels.numba_compile example_callback float32
 
 The signatures are the ones ``_batch_epoch`` calls with (C-contiguous arrays, int64 codes and
 offsets, the model dtype's scalars), so the helper's cache entries are the ones it looks up.
@@ -27,6 +28,9 @@ PARTS = {
         ("_apply_update", ("d1", "i1", "i1", "f1", "f1", "f2", "i", "i1")),
     ),
 }
+# a team's C callback (numba_kernels.pass_callback) is an entry of its own: the first per-example
+# fit runs on one thread while a helper compiles it, and takes the team once it is in the cache
+CALLBACKS = {"example_callback": "example", "update_callback": "update"}
 DISABLE_VAR = "FASTBP_COMPILE_HELPER"  # "0" keeps every compile in the calling process
 
 
@@ -35,7 +39,7 @@ def start(entry: str, dtype: str):
     or None where there is no such part, one core, every core already busy (a load average at
     the core count: MPI ranks compiling alike, say) or ``FASTBP_COMPILE_HELPER=0``."""
     cores = _cores()
-    if entry not in PARTS or os.environ.get(DISABLE_VAR, "1") == "0" or cores < 2 or _load() >= cores:
+    if (entry not in PARTS and entry not in CALLBACKS) or os.environ.get(DISABLE_VAR, "1") == "0" or cores < 2 or _load() >= cores:
         return None
     try:
         return subprocess.Popen([sys.executable, "-m", "fastbp.kernels.numba_compile", entry, dtype],
@@ -51,6 +55,9 @@ def compile_parts(entry: str, dtype: str) -> list[str]:
 
     from . import numba_kernels as K
 
+    if entry in CALLBACKS:
+        K.pass_callback(dtype, CALLBACKS[entry])
+        return [entry]
     f = types.float32 if dtype == "float32" else types.float64
     kinds = {"i": types.int64, "f": f, "d1": types.float64[::1], "i1": types.int64[::1], "i2": types.int64[:, ::1],
              "f1": f[::1], "f2": f[:, ::1]}

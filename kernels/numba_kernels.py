@@ -874,12 +874,40 @@ def pass_callback(dtype, kind="update") -> int:
     compiled on first use, cached on disk."""
     key = (np.dtype(dtype).name, kind)
     if key not in _CALLBACKS:
-        from numba import cfunc
-
-        py = {("float32", "update"): _callback_float32, ("float64", "update"): _callback_float64,
-              ("float32", "example"): _example_callback_float32, ("float64", "example"): _example_callback_float64}[key]
-        _CALLBACKS[key] = cfunc(types.void(types.voidptr), cache=True, error_model="numpy", fastmath=False)(py)
+        callback = _callback_object(key)
+        callback.compile()  # from the disk cache where it is there
+        _CALLBACKS[key] = callback
     return _CALLBACKS[key].address
+
+
+def callback_loaded(dtype, kind) -> bool:
+    """Whether this process holds ``pass_callback(dtype, kind)`` already."""
+    return (np.dtype(dtype).name, kind) in _CALLBACKS
+
+
+def callback_cached(dtype, kind):
+    """Whether the disk cache holds ``pass_callback(dtype, kind)``: True/False, or None where this
+    Numba's cache internals are not the ones read here."""
+    try:
+        callback = _callback_object((np.dtype(dtype).name, kind))
+        cache = callback._cache
+        key = cache._index_key(callback._sig, callback._targetdescr.target_context.codegen())
+        return key in cache._cache_file._load_index()
+    except Exception:  # pragma: no cover - another Numba's layout
+        return None
+
+
+def _callback_object(key):
+    """The (not yet compiled) cfunc of ``key`` = (dtype name, kind), caching on disk."""
+    from numba.core import sigutils
+    from numba.core.ccallback import CFunc
+
+    py = {("float32", "update"): _callback_float32, ("float64", "update"): _callback_float64,
+          ("float32", "example"): _example_callback_float32, ("float64", "example"): _example_callback_float64}[key]
+    sig = sigutils.normalize_signature(types.void(types.voidptr))
+    callback = CFunc(py, sig, locals={}, options=dict(error_model="numpy", fastmath=False))
+    callback.enable_caching()
+    return callback
 
 
 _CALLBACKS: dict = {}

@@ -891,6 +891,51 @@ def test_a_helper_process_compiles_the_backward_half_of_a_cold_batch_epoch_into_
     assert numba_compile.start("no such entry", "float64") is None
 
 
+def test_a_cold_teams_callback_compiles_in_a_helper_while_the_fit_goes_on_alone(monkeypatch):
+    """ready_team: a callback not in the disk cache goes to a helper process and the caller runs
+    on one thread until the helper is done, then gets the team (loading the callback)."""
+    from fastbp.kernels import numba_compile
+    from fastbp.kernels import numba_kernels as K
+
+    if not NB._teams_possible(2, "example"):
+        pytest.skip(f"no team here: {NB.team_description()}")
+
+    class Helper:
+        polls = [None, None, 0]
+
+        def poll(self):
+            return self.polls.pop(0)
+
+    started = []
+    monkeypatch.setattr(K, "callback_loaded", lambda dtype, kind: False)
+    monkeypatch.setattr(K, "callback_cached", lambda dtype, kind: False)
+    monkeypatch.setattr(numba_compile, "start", lambda entry, dtype: started.append((entry, dtype)) or Helper())
+    monkeypatch.setattr(NB, "_callback_helpers", {})
+    alone = K.alone().tolist()
+    assert NB.ready_team(2, np.dtype("float64"), "example").tolist() == alone  # started, running
+    assert NB.ready_team(2, np.dtype("float64"), "example").tolist() == alone  # still running
+    team = NB.ready_team(2, np.dtype("float64"), "example")  # done
+    assert team[K.TEAM_THREADS] == 2 and team[K.TEAM_CALLBACK] == K.pass_callback("float64", "example")
+    assert started == [("example_callback", "float64")] and NB._callback_helpers == {}
+    assert NB.ready_team(1, np.dtype("float64"), "example").tolist() == alone
+
+
+def test_the_helper_compiles_a_teams_callback_into_the_cache(tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    probe = ("import numpy as np\nfrom fastbp.kernels import numba_kernels as K\n"
+             "print(K.callback_cached(np.float64, 'example'))\n")
+    before = subprocess.run([sys.executable, "-c", probe], env=env, check=True, timeout=600, capture_output=True,
+                            text=True)
+    subprocess.run([sys.executable, "-m", "fastbp.kernels.numba_compile", "example_callback", "float64"], env=env,
+                   check=True, timeout=600)
+    after = subprocess.run([sys.executable, "-c", probe], env=env, check=True, timeout=600, capture_output=True,
+                           text=True)
+    assert (before.stdout.split()[-1], after.stdout.split()[-1]) == ("False", "True")
+
+
 def test_every_kernel_sets_fastmath_itself():
     # A Numba function that leaves fastmath unset inherits its caller's: the plain SGD step,
     # compiled first from a fast-math per-example kernel, used FMA and came out 1 ulp off
