@@ -585,7 +585,7 @@ class NumbaBackend(Backend):
         """The rule's step over the flat buffers in one compiled pass (``apply_update``)."""
         self._check_update(spec, rule, params, grads, state)
         self._run("apply_update", params.dtype, rule.hyper(), state.step, self._spec(spec)[0], params, grads,
-                  state.buffers, rows, self.team(self._threads.decide(), params.dtype))
+                  state.buffers, rows, self.ready_team(self._threads.decide(), params.dtype))
 
     def _check_update(self, spec, rule, params, grads, state) -> None:
         """Compiled updates index raw memory: mismatched buffers are refused, never written past."""
@@ -707,7 +707,7 @@ class NumbaBackend(Backend):
             threads = self._threads.decide()
             if largest < self.SMALL_GEMM_MAX and self._threads.fixed is None:
                 threads = 1  # short GEMMs: a second thread costs more than it saves
-            plan = np.concatenate([plan, self.team(threads, dt)])
+            plan = np.concatenate([plan, self.ready_team(threads, dt)])
             previous = self._threads.run_with(threads)
             try:
                 total, done, correct = self._run("batch_epoch", dt, sizes, hidden, output, loss, params, grads, X,
