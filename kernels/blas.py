@@ -226,10 +226,12 @@ _OWN_POOL_PID: int | None = None
 
 def own_libgomp() -> tuple[int, int, int]:
     """``_libgomp_team``'s addresses for a team of fastbp's own, where the BLAS's threads are not
-    libgomp's (OpenBLAS's pthreads): the per-example rows run on libgomp's pool while the BLAS's
-    threads sleep (a per-example epoch makes no BLAS call). (0, 0, 0) where libgomp is not
-    loadable, or in a process forked after this process asked for them: libgomp's pool does not
-    survive fork(), and a region in the child would wait for threads that are not there."""
+    libgomp's (OpenBLAS's pthreads, or MKL on another threading layer): the per-example rows run
+    on libgomp's pool while the BLAS's threads sleep (a per-example epoch makes no BLAS call).
+    (0, 0, 0) where libgomp is not loadable, or in a process forked after this process asked for
+    them (conservatively: asking, as ``fastbp info`` does, counts): libgomp's pool does not survive
+    fork(), and a region in the child would wait for threads that are not there. It cannot know of
+    a libgomp pool another library started before a fork."""
     global _OWN_POOL_PID
     if _OWN_POOL_PID is None:
         _OWN_POOL_PID = os.getpid()

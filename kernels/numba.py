@@ -311,6 +311,8 @@ class NumbaBackend(Backend):
         lib = self.blas_library
         if not self.TEAM_PASSES:
             return "on the calling thread (FASTBP_TEAM_PASSES=0)"
+        if _blas.child_thread_cap() is not None:
+            return "on the calling thread: a process forked after MKL's OpenMP pool started"
         parts = f"in parts of at least {self._k.PART_MIN} parameters"
         if all(self._pool("update")):
             return ("on the BLAS threads, through libgomp's GOMP_parallel (MKL's own pool): update passes, and per "
@@ -319,26 +321,38 @@ class NumbaBackend(Backend):
             return (f"update passes on the calling thread (the BLAS is {lib.name}, {lib.threading}, not MKL on "
                     f"libgomp); per example a first layer's rows on libgomp's own pool, {parts}")
         return (f"on the calling thread: the BLAS is {lib.name} ({lib.threading}), not MKL on libgomp, "
-                "and libgomp is not loadable")
+                "and libgomp's own pool is not usable here (not loadable, or a process forked after it was "
+                "asked for)")
 
-    def ready_team(self, threads: int, dtype, kind="update") -> np.ndarray:
-        """``team``, but where its callback is not compiled yet a helper process compiles it
-        into the disk cache while this one goes on alone (one thread) until the helper is done:
-        the first per-example fit does not wait ~6 s for it (numba_compile.CALLBACKS)."""
+    def ready_team(self, threads: int, dtype, kind, span: int) -> np.ndarray:
+        """``team`` for a pass of at most ``span`` parameters, but where its callback is not
+        compiled yet a helper process compiles it into the disk cache while this one goes on
+        alone (one thread) until the helper is done, or ``HELPER_DEADLINE_S`` has passed: the
+        first per-example fit does not wait ~6 s for it (numba_compile.CALLBACKS). Alone, with
+        nothing compiled, where ``span`` is too short for two parts."""
         alone = self._k.alone()
-        if not self._teams_possible(threads, kind):
+        if span < 2 * self._k.PART_MIN or not self._teams_possible(threads, kind):
             return alone
         key = (np.dtype(dtype).name, kind)
         helper = self._callback_helpers.get(key)
-        if helper is None and not self._k.callback_loaded(dtype, kind) and self._k.callback_cached(dtype, kind) is False:
+        if helper is None:
+            if self._k.callback_loaded(dtype, kind) or self._k.callback_cached(dtype, kind) is not False:
+                return self.team(threads, dtype, kind)
             helper = numba_compile.start(f"{kind}_callback", key[0])
-            if helper is not None:
-                self._callback_helpers[key] = helper
-        if helper is not None:
-            if helper.poll() is None:
-                return alone
-            del self._callback_helpers[key]  # done (or failed: then pass_callback compiles it here)
+            if helper is None:  # no helper here (one core, a busy machine, FASTBP_COMPILE_HELPER=0)
+                return self.team(threads, dtype, kind)
+            self._callback_helpers[key] = helper, time.perf_counter()
+            return alone
+        helper, started = helper
+        running = helper.poll() is None
+        if running and time.perf_counter() - started < self.HELPER_DEADLINE_S:
+            return alone
+        if self._callback_helpers.pop(key, None) is not None and running:  # pop: fits on other threads race here
+            helper.kill()  # late: this process compiles it (team, below) rather than wait on
+            helper.wait()
         return self.team(threads, dtype, kind)
+
+    HELPER_DEADLINE_S = 120.0  # a callback helper still running after this is killed
 
     def team(self, threads: int, dtype, kind="update") -> np.ndarray:
         """The team for ``threads`` threads (``numba_kernels`` TEAM_*) running ``kind``'s callback
@@ -585,7 +599,8 @@ class NumbaBackend(Backend):
         """The rule's step over the flat buffers in one compiled pass (``apply_update``)."""
         self._check_update(spec, rule, params, grads, state)
         self._run("apply_update", params.dtype, rule.hyper(), state.step, self._spec(spec)[0], params, grads,
-                  state.buffers, rows, self.ready_team(self._threads.decide(), params.dtype))
+                  state.buffers, rows, self.ready_team(self._threads.decide(), params.dtype, "update",
+                                                       _widest_layer(spec)))
 
     def _check_update(self, spec, rule, params, grads, state) -> None:
         """Compiled updates index raw memory: mismatched buffers are refused, never written past."""
@@ -689,7 +704,8 @@ class NumbaBackend(Backend):
             if self._is_small(spec):
                 total, done, correct = self._run("small_epoch" if small else "shallow_epoch", dt, *args, fn=small)
             else:
-                team = self.ready_team(self._threads.decide(), dt, "example")
+                span = 0 if spec.n_layers < 2 or spec.activation(0) == "softmax" else spec.sizes[0] * spec.sizes[1]
+                team = self.ready_team(self._threads.decide(), dt, "example", span)
                 if team[0] > 1:
                     team = self._k.example_team(team, sizes, hidden, params, buffers, X, hp, work)
                 total, done, correct = self._run("examples_epoch", dt, *args, team)
@@ -707,7 +723,7 @@ class NumbaBackend(Backend):
             threads = self._threads.decide()
             if largest < self.SMALL_GEMM_MAX and self._threads.fixed is None:
                 threads = 1  # short GEMMs: a second thread costs more than it saves
-            plan = np.concatenate([plan, self.ready_team(threads, dt)])
+            plan = np.concatenate([plan, self.ready_team(threads, dt, "update", _widest_layer(spec))])
             previous = self._threads.run_with(threads)
             try:
                 total, done, correct = self._run("batch_epoch", dt, sizes, hidden, output, loss, params, grads, X,
@@ -798,6 +814,11 @@ def _c(*arrays) -> bool:
     return all(isinstance(a, np.ndarray) and a.flags.c_contiguous for a in arrays)
 
 
+def _widest_layer(spec: NetSpec) -> int:
+    """The most weights in one layer: the longest update pass a team could take."""
+    return max(i * o for i, o in zip(spec.sizes[:-1], spec.sizes[1:]))
+
+
 def _same_dtype(first, *rest) -> bool:
     return first.dtype.kind == "f" and all(a.dtype == first.dtype for a in rest)
 
@@ -851,7 +872,8 @@ def _host_cpu_name() -> str:
 # jit-helper-20261202T063300Z.json; the first one also compiles what later ones share). Compiling
 # the per-example team's callback too took a first per-example fit to 20.4 s on the Xeon SPR
 # (cpu-peers-20261203T084534Z.json); with a helper compiling it meanwhile (ready_team) 8.3 s on the
-# 2-core EPYC Zen 4, against 15.9 s compiling it in-process and 10.0 s with no team.
+# 2-core EPYC Zen 4, against 15.9 s compiling it in-process (as where no helper can start) and
+# 10.0 s with no team.
 _ENTRY = {
     "shallow_epoch": ("per-example training of a small network", "8-12"),
     "examples_epoch": ("per-example training", "10-15"),

@@ -101,8 +101,8 @@ _TRAIN = textwrap.dedent("""
 """)
 
 
-def _run(env_value: str, code: str, timeout: float = 600):
-    env = dict(os.environ, FASTBP_BLAS=env_value)
+def _run(env_value: str, code: str, timeout: float = 600, **more_env):
+    env = dict(os.environ, FASTBP_BLAS=env_value, **more_env)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -151,26 +151,28 @@ def test_a_forked_child_trains_per_example_after_its_parent_used_libgomps_own_po
     if not blas._loadable("libgomp.so.1"):
         pytest.skip("no libgomp here: no per-example team to fork")
     code = textwrap.dedent("""
-        import os
+        import os, signal
         import numpy as np
         import fastbp as fb
         from fastbp.kernels import blas
+        from fastbp.kernels import numba_kernels as K
         be = fb.backend._create("numba")
         be.set_threads(2)
         X, y = np.random.default_rng(0).random((64, 600)), np.arange(64) % 3
         fit = lambda: fb.MLP([600, 60, 3], loss="cross_entropy", seed=0).fit(
             X, y, epochs=1, batch_size=1, progress=False, threads=2, optimizer=fb.optim.SGD(lr=0.1, momentum=0.9))
         with fb.use_backend("numba"):
-            fit()  # 36k first-layer weights: the rows ran on the pool
-            print("pool:", blas._OWN_POOL_PID == os.getpid())
+            fit()  # 36k first-layer weights: the rows ran on the pool (the callback compiled here)
+            print("pool:", blas._OWN_POOL_PID == os.getpid() and K.callback_loaded(np.float32, "example"))
             pid = os.fork()
             if pid == 0:
+                signal.alarm(60)  # a hang ends the child rather than leave it behind
                 fit()
                 os._exit(0 if blas.own_libgomp() == (0, 0, 0) else 3)
         _, status = os.waitpid(pid, 0)
         print("child:", os.waitstatus_to_exitcode(status))
     """)
-    proc = _run("openblas", code, timeout=120)  # a hang fails as TimeoutExpired
+    proc = _run("openblas", code, timeout=120, FASTBP_COMPILE_HELPER="0")  # a hang fails as TimeoutExpired
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pool: True" in proc.stdout and "child: 0" in proc.stdout
 
