@@ -495,7 +495,8 @@ class NumbaBackend(Backend):
                               "(set_threads(n) fixes them; a threadpoolctl limit is a ceiling); compiled mini-batch "
                               f"epochs whose largest GEMM is < {self.SMALL_GEMM_MAX} multiply-adds run BLAS on one "
                               "thread; the update passes of wide layers (and, per example, a wide first layer's rows) "
-                              "run on as many threads as the policy allows, on a libgomp pool (update_passes)"),
+                              "run on as many threads as the policy allows, where a libgomp pool serves them (update_passes "
+                              "says which)"),
             "cores": _usable_cores(),
             "cpu_name": _host_cpu_name(),
             "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
