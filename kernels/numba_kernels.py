@@ -1236,6 +1236,7 @@ def _run_example_rows(block, like):
     c = rule_scalars(hp, block[E_STEP], one)
     plain = _plain_sgd(hp)
     neg_lr = -one * type(one)(hp[HP_LR])
+    X = carray(_pointer_at(block[E_X], like), (block[E_X_N],))
     for t in range(_call_int(block[E_THREAD_NUM]), parts, max(1, _call_int(block[E_NUM_THREADS]))):
         r0, r1 = n_out * t // parts, n_out * (t + 1) // parts
         if plain:
@@ -1243,7 +1244,6 @@ def _run_example_rows(block, like):
         else:
             rank1_step(c, P, S, wo + r0 * n_in, bo + r0, r1 - r0, n_in, ds, zo + r0, acts, zo - zo, l2)
         if block[E_NEXT] >= 0:
-            X = carray(_pointer_at(block[E_X], like), (block[E_X_N],))
             dense(P, wo + r0 * n_in, bo + r0, r1 - r0, n_in, X, block[E_NEXT], zs, zo + r0)
             act_range(block[E_HIDDEN], zs, acts, zo + r0, r1 - r0)
     restore_denormals(old)
@@ -1262,8 +1262,8 @@ def example_team(team, sizes, hidden, P, S, X, hp, work) -> np.ndarray:
     addresses of this call's arrays, which outlive it; ``E_STEP`` and ``E_NEXT`` are set per
     example by the kernel)."""
     block = np.zeros(EBLOCK, np.int64)
-    parts = min(int(team[TEAM_THREADS]), sizes[0] * sizes[1] // PART_MIN, int(sizes[1]))
-    block[[E_THREAD_NUM, E_NUM_THREADS, E_PARTS]] = team[TEAM_THREAD_NUM], team[TEAM_NUM_THREADS], max(1, parts)
+    parts = min(_team_parts(team, sizes[0] * sizes[1]), int(sizes[1]))  # at least a row a part
+    block[[E_THREAD_NUM, E_NUM_THREADS, E_PARTS]] = team[TEAM_THREAD_NUM], team[TEAM_NUM_THREADS], parts
     block[[E_N_OUT, E_N_IN]] = sizes[1], sizes[0]
     block[[E_N, E_P, E_S, E_S_ROWS]] = P.size, P.ctypes.data, S.ctypes.data, S.shape[0]
     block[[E_HP, E_WORK, E_UNITS]] = hp.ctypes.data, work.ctypes.data, work.size // 3
@@ -1300,8 +1300,7 @@ def _examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, 
     shuffled = order.size > 0
     block = team[TEAM_SIZE:]  # example_team's (empty where there is no team)
     # a softmax's rows are not independent: a part could not finish its activations alone
-    rows_on_team = (n_layers >= 2 and hidden != SOFTMAX and block.size == EBLOCK and team[TEAM_THREADS] > 1
-                    and block[E_PARTS] > 1)
+    rows_on_team = n_layers >= 2 and hidden != SOFTMAX and block.size == EBLOCK and block[E_PARTS] > 1
     ahead = 0  # the first layer of this example computed by the last team run
     for s in range(X.shape[0]):
         row = order[s] if shuffled else s
