@@ -872,9 +872,8 @@ def _host_cpu_name() -> str:
 # the EPYC with it, warmup 28 / 49 s; cpu-peers-20261202T014939Z.json and T054506Z.json "jit",
 # jit-helper-20261202T063300Z.json; the first one also compiles what later ones share). Compiling
 # the per-example team's callback too took a first per-example fit to 20.4 s on the Xeon SPR
-# (cpu-peers-20261203T084534Z.json); with a helper compiling it meanwhile (ready_team) 8.3 s on the
-# 2-core EPYC Zen 4, against 15.9 s compiling it in-process (as where no helper can start) and
-# 10.0 s with no team.
+# (cpu-peers-20261203T084534Z.json); for the helper that compiles it meanwhile (ready_team), against
+# compiling it in-process and no team: benchmarks/results/jit-team-callback-20261207T154548Z.json.
 _ENTRY = {
     "shallow_epoch": ("per-example training of a small network", "8-12"),
     "examples_epoch": ("per-example training", "10-15"),

@@ -1103,7 +1103,8 @@ def test_the_team_is_one_thread_unless_mkl_runs_on_libgomp(monkeypatch):
 def test_per_example_rows_go_to_libgomps_own_pool_beside_another_blas(monkeypatch):
     """Beside OpenBLAS the per-example rows still get a team, libgomp's own pool (a
     per-example epoch calls no BLAS); the update passes do not (the two pools would fight for
-    the cores: 13x slower measured); a process forked after that pool was asked for gets none."""
+    the cores: 7-14x slower, benchmarks/results/own-pool-update-passes-ab-20261207T141000Z.json); a
+    process forked after that pool was asked for gets none."""
     import dataclasses
 
     from fastbp.kernels import blas
