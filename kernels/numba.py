@@ -289,6 +289,9 @@ class NumbaBackend(Backend):
     # One-hidden-layer nets with at most this many parameters train per example in a kernel
     # compiled for their exact sizes (``_small_kernel``): there the loop overhead is the step.
     SMALL_NET_MAX_PARAMS = 1024
+    # A helper compiling a team's callback (ready_team) still running after this many seconds
+    # is killed, and the callback compiles in this process instead.
+    HELPER_DEADLINE_S = 120.0
     # Update passes (the optimizer step over a layer's weights) run on the GEMMs' threads where
     # MKL's pool is libgomp's (kernels/numba_kernels.py, "update passes on the BLAS threads");
     # per example a wide first layer's rows run on a team too, libgomp's own pool where the
@@ -351,8 +354,6 @@ class NumbaBackend(Backend):
             helper.kill()  # late: this process compiles it (team, below) rather than wait on
             helper.wait()
         return self.team(threads, dtype, kind)
-
-    HELPER_DEADLINE_S = 120.0  # a callback helper still running after this is killed
 
     def team(self, threads: int, dtype, kind="update") -> np.ndarray:
         """The team for ``threads`` threads (``numba_kernels`` TEAM_*) running ``kind``'s callback
@@ -720,11 +721,11 @@ class NumbaBackend(Backend):
                 plan = np.full(2, np.iinfo(np.int64).max, np.int64)
             else:
                 plan = np.array([self.FORWARD_BLAS_MIN, self.BACKWARD_BLAS_MIN], np.int64)
-            largest = batch_size * max(i * o for i, o in zip(spec.sizes[:-1], spec.sizes[1:]))
+            widest = _widest_layer(spec)
             threads = self._threads.decide()
-            if largest < self.SMALL_GEMM_MAX and self._threads.fixed is None:
+            if batch_size * widest < self.SMALL_GEMM_MAX and self._threads.fixed is None:
                 threads = 1  # short GEMMs: a second thread costs more than it saves
-            plan = np.concatenate([plan, self.ready_team(threads, dt, "update", _widest_layer(spec))])
+            plan = np.concatenate([plan, self.ready_team(threads, dt, "update", widest)])
             previous = self._threads.run_with(threads)
             try:
                 total, done, correct = self._run("batch_epoch", dt, sizes, hidden, output, loss, params, grads, X,

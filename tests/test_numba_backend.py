@@ -919,7 +919,7 @@ def test_a_cold_teams_callback_compiles_in_a_helper_while_the_fit_goes_on_alone(
     monkeypatch.setattr(numba_compile, "start", lambda entry, dtype: started.append((entry, dtype)) or helpers.pop(0))
     monkeypatch.setattr(NB, "_callback_helpers", {})
     alone, dt, wide = K.alone().tolist(), np.dtype("float64"), 2 * K.PART_MIN
-    assert NB.ready_team(2, dt, "example", 2 * K.PART_MIN - 1).tolist() == alone and started == []  # too short
+    assert NB.ready_team(2, dt, "example", wide - 1).tolist() == alone and started == []  # too short
     assert NB.ready_team(2, dt, "example", wide).tolist() == alone  # started, running
     assert NB.ready_team(2, dt, "example", wide).tolist() == alone  # still running
     team = NB.ready_team(2, dt, "example", wide)  # done
