@@ -1086,7 +1086,7 @@ class CupyBackend(Backend):
                 and spec.loss in LOSSES and isinstance(rule, UpdateRule) and rule.kind in UPDATE_RULES)
 
     def train_epoch(self, spec: NetSpec, params, grads, X, Y, batch_size, rule: UpdateRule,
-                    state: OptimizerState, strategy, order=None):
+                    state: OptimizerState, strategy, order=None, meanwhile=None):
         """One epoch over the rows of ``X, Y`` in ``order`` (gathered on the device first; None:
         as they are), one graph replay per batch (see Backend.train_epoch).
 

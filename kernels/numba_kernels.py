@@ -274,6 +274,73 @@ def _exp_nonpositive(x):
     return exp_f32
 
 
+@intrinsic
+def _float32_bits(typingctx, x):
+    """The IEEE bits of the float32 ``x`` as an int32."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
+def _log1p_small(f, k):
+    """Cephes' logf core, ``log(1 + f) + k ln 2`` for f in [sqrt(1/2) - 1, sqrt(2) - 1]: a
+    degree-8 polynomial, within ~1.5 ulp; every multiply-add one ``_fma`` (see exp_f32)."""
+    z = f * f
+    p = _fma(_F32(7.0376836292e-2), f, _F32(-1.1514610310e-1))
+    p = _fma(p, f, _F32(1.1676998740e-1))
+    p = _fma(p, f, _F32(-1.2420140846e-1))
+    p = _fma(p, f, _F32(1.4249322787e-1))
+    p = _fma(p, f, _F32(-1.6668057665e-1))
+    p = _fma(p, f, _F32(2.0000714765e-1))
+    p = _fma(p, f, _F32(-2.4999993993e-1))
+    p = _fma(p, f, _F32(3.3333331174e-1))
+    y = _fma(p * f, z, _F32(-0.5) * z)
+    return _fma(k, _F32(0.693359375), f + _fma(k, _F32(-2.12194440e-4), y))
+
+
+def log1p_unit(x):
+    """``log(1 + x)`` for x in [0, 1] (NaN stays NaN): the log-loss tail ``log1p(e^-|z|)``."""
+    return np.log1p(x)
+
+
+def log_positive(x):
+    """``log x`` for x >= 1 (NaN and inf stay themselves): softmax's log of its exps' sum."""
+    return np.log(x)
+
+
+# float32: Cephes' logf inline, where libm's is a call per example on the output layer's
+# critical path (2-8-1 log loss, a softmax row); float64: libm, unchanged.
+@overload(log1p_unit)
+def _log1p_unit(x):
+    if x != types.float32:
+        return lambda x: np.log1p(x)
+
+    def log1p_f32(x):  # 1 + x is never formed (it would round): f = x, or (x - 1)/2 plus ln 2
+        low = x < _F32(0.41421356237)
+        return _log1p_small(x if low else (x - _F32(1.0)) * _F32(0.5), _F32(0.0) if low else _F32(1.0))
+
+    return log1p_f32
+
+
+@overload(log_positive)
+def _log_positive(x):
+    if x != types.float32:
+        return lambda x: np.log(x)
+
+    def log_f32(x):  # x = m 2^e with m in [sqrt(1/2), sqrt(2)) from the bits
+        bits = _float32_bits(x)
+        e = (bits >> np.int32(23)) - np.int32(127)
+        m = _float32_from_bits((bits & np.int32(0x7FFFFF)) | np.int32(0x3F800000))  # [1, 2)
+        big = m >= _F32(1.41421356237)
+        f = m * _F32(0.5) - _F32(1.0) if big else m - _F32(1.0)
+        y = _log1p_small(f, _F32(e + np.int32(1)) if big else _F32(e))
+        return y if x < _F32(np.inf) else x
+
+    return log_f32
+
+
 @njit(cache=True, error_model="numpy", fastmath=False, inline="always")
 def _sigmoid(x):
     # One exp of -|x|: never overflows, full relative precision on both tails.
@@ -413,17 +480,18 @@ def output_range(loss, code, z, a, d, lo, Y, row, want_delta):
 
 
 @njit(cache=True, error_model="numpy", fastmath=False, inline="always")
-def output_layer(loss, code, z, a, d, lo, Y, row, scale):
+def output_layer(loss, code, z, a, d, lo, k, Y, row, scale):
     """The whole output layer of one example from its logits: ``a = phi(z)``, ``d = scale dc/dz``
     and the cost, for the compiled paths (``scale = 1/n`` makes d the mean cost's delta). The
-    example is ``z[lo:lo+k]`` (k = Y.shape[1]) with targets ``Y[row]``.
+    example is ``z[lo:lo+k]`` with targets ``Y[row]`` (k = Y.shape[1], passed in so that a kernel
+    with the output count as a constant unrolls these loops).
 
     Replaces ``act_range`` + ``output_range``: for softmax+cross_entropy and sigmoid+log_loss
     each exp is computed once and serves the activation, the cost and the delta (the output
     layer's exps dominated a small batch's elementwise time). Inlined where it is called (the
     per-example epochs, ``output_rows``): a call is a cost per example of its own, and the
     epochs' arrays are borrowed (``_borrowed``), so the inlined copies count no references."""
-    k, lo = _U(Y.shape[1]), _U(lo)
+    k, lo = _U(k), _U(lo)
     if loss == CROSS_ENTROPY and code == SOFTMAX:
         m = z[lo]
         for j in range(_U(1), k):
@@ -435,7 +503,7 @@ def output_layer(loss, code, z, a, d, lo, Y, row, scale):
             a[lo + j] = e
             s += e
         inv_s = type(m)(1.0) / s
-        log_s = np.log(float(s))
+        log_s = float(log_positive(s))
         cost = 0.0
         sy = type(m)(0.0)
         for j in range(k):
@@ -456,7 +524,7 @@ def output_layer(loss, code, z, a, d, lo, Y, row, scale):
             r = one / (one + e)
             a[lo + j] = r if x >= 0 else e * r
             t, xf = float(Y[row, j]), float(x)
-            tail = np.log1p(float(e))
+            tail = float(log1p_unit(e))
             cost += (1.0 - t) * (max(xf, 0.0) + tail) + t * (max(-xf, 0.0) + tail)
             d[lo + j] = (a[lo + j] - Y[row, j]) * scale
         return cost
@@ -468,14 +536,6 @@ def output_layer(loss, code, z, a, d, lo, Y, row, scale):
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
-def output_example(loss, code, z, a, d, lo, Y, row, scale):
-    """``output_layer`` as a call of its own, for the fast-math per-example kernels
-    (``_shallow_body``): inlined there, its exps and costs would be compiled with their
-    reassociation and contraction."""
-    return output_layer(loss, code, z, a, d, lo, Y, row, scale)
-
-
-@njit(cache=True, error_model="numpy", fastmath=False)
 def output_rows(loss, code, Z, A, D, Y, n, scale):
     """``output_layer`` for the first ``n`` rows of a batch's flat ``Z, A, D``; returns the
     summed cost. The rows loop in here rather than around a call: a call that takes arrays
@@ -484,7 +544,7 @@ def output_rows(loss, code, Z, A, D, Y, n, scale):
     k = Y.shape[1]
     total = 0.0
     for r in range(n):
-        total += output_layer(loss, code, Z, A, D, r * k, Y, r, scale)
+        total += output_layer(loss, code, Z, A, D, r * k, k, Y, r, scale)
     return total
 
 
@@ -1167,7 +1227,7 @@ def loop_batch(sizes, hidden, output, loss, params, X, Y, grads, work, start, st
     L = n_layers - 1
     for s in range(start, stop):
         _example_forward(sizes, hidden, params, w_off, b_off, u_off, X, s, zs, acts, 0)
-        total += output_layer(loss, output, zs, acts, ds, u_off[n_layers], Y, s, one)
+        total += output_layer(loss, output, zs, acts, ds, u_off[n_layers], Y.shape[1], Y, s, one)
         correct += _row_correct(loss, acts, u_off[n_layers], Y, s)
         for l in range(L, -1, -1):
             rank1_update(grads, w_off[l], b_off[l], sizes[l + 1], sizes[l], ds, u_off[l + 1], acts, u_off[l], one)
@@ -1306,7 +1366,7 @@ def _examples_epoch(sizes, hidden, output, loss, params, X, Y, order, hp, step, 
         row = order[s] if shuffled else s
         _example_forward(sizes, hidden, params, w_off, b_off, u_off, X, row, zs, acts, ahead)
         ahead = 0
-        cost = output_layer(loss, output, zs, acts, ds, u_off[n_layers], Y, row, one)
+        cost = output_layer(loss, output, zs, acts, ds, u_off[n_layers], Y.shape[1], Y, row, one)
         if not np.isfinite(cost):
             return total, s, correct
         total += cost
@@ -1372,33 +1432,50 @@ def _dphi(code, z, a, d):
     return d
 
 
-FLAT_MAX = 4096
-
-
-@njit(cache=True, error_model="numpy", fastmath=_DOT_MATH)
+@njit(cache=True, error_model="numpy", fastmath=_DOT_MATH, nogil=True)
 def shallow_epoch(sizes, hidden, output, loss, P, X, Y, order, hp, step, S, work):
     """``examples_epoch`` for one hidden layer, in one function: per example the hidden units'
-    dot product, bias and activation in one loop, the output layer, the hidden deltas and the
-    two layers' updates, with no per-layer calls between them (what made a 2-8-1 step cost
-    hundreds of ns instead of tens). Same results as ``examples_epoch``."""
+    dot product, bias and activation, the output layer, the hidden deltas and the two layers'
+    updates, with no per-layer calls between them (what made a 2-8-1 step cost hundreds of ns
+    instead of tens). Same results as ``examples_epoch`` (``work`` is not needed). Without the
+    GIL: it uses no shared buffer (``NumbaBackend.epoch_releases_gil``)."""
     return shallow_body(sizes[0], sizes[1], sizes[2], hidden, output, loss, P, X, Y, order, hp, step, S, work)
 
 
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
+def _hidden_major(src, dst, n_in, H):
+    """A shallow net's flat parameters (or a state row) with the first layer's weights stored
+    (n_in, H) instead of (H, n_in): in ``_shallow_body`` every loop over the hidden units then
+    walks contiguous memory, which LLVM vectorizes across the units."""
+    for j in range(H):
+        for k in range(n_in):
+            dst[k * H + j] = src[j * n_in + k]
+    for i in range(H * n_in, src.size):
+        dst[i] = src[i]
+
+
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
+def _unit_major(src, dst, n_in, H):
+    """``_hidden_major`` undone."""
+    for j in range(H):
+        for k in range(n_in):
+            dst[j * n_in + k] = src[k * H + j]
+    for i in range(H * n_in, src.size):
+        dst[i] = src[i]
+
+
 @njit(cache=True, error_model="numpy", fastmath=_DOT_MATH, inline="always")
-def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step, S, work):
-    """``shallow_epoch``'s loop, inlined where it is called: with the sizes and codes as
-    compile-time constants (``small_kernel_source``) LLVM unrolls a small net's loops."""
+def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step, S, G, zh, ah, dh, zo, ao, do):
+    """``shallow_epoch``'s loop on hidden-major ``P`` and ``S`` (``_hidden_major``), inlined
+    where it is called: with the input and output sizes and the codes as compile-time constants
+    (the generated modules, kernels/numba.py) LLVM unrolls the loops over them. ``G``: room for a stateful
+    rule's gradient; ``zh``, ``ah``, ``dh`` and ``zo``, ``ao``, ``do``: the hidden and the output
+    units' z, a and delta."""
     n_in, H, n_out = _U(n_in), _U(H), _U(n_out)
-    w1, b1 = _U(0), H * n_in
+    w1, b1 = _U(0), H * n_in  # W1[k, j] at w1 + k H + j
     w2 = b1 + H
     b2 = w2 + n_out * H
-    units = n_in + H + n_out
-    zs, acts, ds = work[:units], work[units:2 * units], work[2 * units:3 * units]
-    h0, o0 = n_in, n_in + H  # where the hidden and output units sit in zs/acts/ds
-    # sigmoid and tanh (a polynomial exp, 1 - a^2) would be contracted into FMAs inlined here;
-    # ReLU and leaky ReLU have no arithmetic for fast-math to change
-    smooth = hidden == SIGMOID or hidden == TANH
-    Xf = X.reshape(X.size)
+    n_params = b2 + n_out
     one = type(P[0])(1.0)
     zero = one - one
     kind = int(hp[HP_KIND])
@@ -1409,115 +1486,117 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step
     neg_lr = -one * type(one)(hp[HP_LR])
     l2 = type(one)(hp[HP_L2])  # rows = 1
     b1_t, b2_t = hp[HP_BETA1] ** step[0], hp[HP_BETA2] ** step[0]
-    n_params = b2 + n_out
-    # Below FLAT_MAX parameters a stateful rule runs as one pass over a gradient buffer: a few
-    # SIMD vectors, where row by row the short rows never fill one (2-8-1 Adam: ~185 against
-    # ~215 ns an example in shallow_epoch).
-    flat = not plain and n_params <= FLAT_MAX
-    G_owned = np.empty(np.int64(n_params) if flat else np.int64(0), P.dtype)
-    G = _borrowed(G_owned)  # no counting per example (kept alive below)
     total = 0.0
     correct = 0
     shuffled = order.size > 0
     for s in range(X.shape[0]):
         row = order[s] if shuffled else s
-        xo = _U(row) * n_in
         for j in range(H):
-            base = w1 + j * n_in
-            acc = zero
-            for k in range(n_in):
-                acc += P[base + k] * Xf[xo + k]
-            z = acc + P[b1 + j]
-            zs[h0 + j] = z
-            if not smooth:
-                acts[h0 + j] = _phi(hidden, z)
-        if smooth:  # one call compiled without this function's fast-math: the same rounding as examples_epoch
-            act_range(hidden, zs, acts, np.int64(h0), np.int64(H))
+            zh[j] = zero
+        for k in range(n_in):
+            xk = X[row, k]
+            for j in range(H):
+                zh[j] += P[w1 + k * H + j] * xk
+        for j in range(H):
+            z = zh[j] + P[b1 + j]
+            zh[j] = z
+            ah[j] = _phi(hidden, z)
         for o in range(n_out):
-            base = w2 + o * H
             acc = zero
             for j in range(H):
-                acc += P[base + j] * acts[h0 + j]
-            zs[o0 + o] = acc + P[b2 + o]
-        cost = output_example(loss, output, zs, acts, ds, np.int64(o0), Y, row, one)
-        if not np.isfinite(cost):
-            return total, s, correct
-        total += cost
-        correct += _row_correct(loss, acts, np.int64(o0), Y, row)
+                acc += P[w2 + o * H + j] * ah[j]
+            z = acc + P[b2 + o]
+            if not (np.isfinite(z) and np.isfinite(Y[row, o])):
+                return total, s, correct
+            zo[o] = z
+        # the outputs and targets checked, not the cost: a branch on the cost (its log's
+        # latency) slowed 2-8-1 by ~7%. With both finite so is the cost, but for softmax
+        # logits ~1e38 apart, whose overflow shows in the returned sum.
+        total += output_layer(loss, output, zo, ao, do, np.int64(0), n_out, Y, row, one)
+        correct += _row_correct(loss, ao, np.int64(0), Y, row)
         step[0] += 1
         b1_t *= hp[HP_BETA1]
         b2_t *= hp[HP_BETA2]
         for j in range(H):  # hidden deltas from the output weights before their update
-            acc = zero
-            for o in range(n_out):
-                acc += P[w2 + o * H + j] * ds[o0 + o]
-            ds[h0 + j] = acc if smooth else _dphi(hidden, zs[h0 + j], acts[h0 + j], acc)
-        if smooth:
-            dact_range(hidden, zs, acts, ds, np.int64(h0), np.int64(H))
-        if plain:
-            for o in range(n_out):
-                st = ds[o0 + o] * neg_lr
-                if st != 0:
-                    base = w2 + o * H
-                    for j in range(H):
-                        P[base + j] += st * acts[h0 + j]
-                    P[b2 + o] += st
+            dh[j] = zero
+        for o in range(n_out):
+            d = do[o]
             for j in range(H):
-                st = ds[h0 + j] * neg_lr
-                if st != 0:  # an off ReLU: its row gets no gradient
-                    base = w1 + j * n_in
-                    for k in range(n_in):
-                        P[base + k] += st * Xf[xo + k]
-                    P[b1 + j] += st
-        elif flat:  # a small net: its gradient into G, then one vectorized pass of the rule
-            c = rule_scalars_at(hp, b1_t, b2_t, one)
+                dh[j] += P[w2 + o * H + j] * d
+        for j in range(H):
+            dh[j] = _dphi(hidden, zh[j], ah[j], dh[j])
+        if plain:  # each step where its gradient is formed: no gradient buffer
             for o in range(n_out):
-                d = ds[o0 + o]
-                base = w2 + o * H
+                st = do[o] * neg_lr
                 for j in range(H):
-                    G[base + j] = d * acts[h0 + j]
-                G[b2 + o] = d
+                    P[w2 + o * H + j] += st * ah[j]
+                P[b2 + o] += st
+            for k in range(n_in):
+                xk = X[row, k]
+                for j in range(H):
+                    P[w1 + k * H + j] += (dh[j] * neg_lr) * xk
             for j in range(H):
-                d = ds[h0 + j]
-                base = w1 + j * n_in
-                for k in range(n_in):
-                    G[base + k] = d * Xf[xo + k]
-                G[b1 + j] = d
-            # the common rules' loops inline, faster than a call on 2-8-1
-            # (benchmarks/results/exact-update-ab-xeon-spr-20261202.json); _mul etc. keep their rounding
-            _, lr, mom, _, _, _, beta1, obeta1, beta2, obeta2, eps, step_size, inv_bc2 = c
-            if heavy:
-                M = S[0]
-                for i in range(n_params):
-                    P[i], M[i] = _momentum_step_of(P[i], M[i], G[i], mom, lr)
-            elif adam:
-                M, V = S[0], S[1]
-                for i in range(n_params):
-                    P[i], M[i], V[i] = _adam_step_of(P[i], M[i], V[i], G[i], beta1, obeta1, beta2, obeta2, eps,
-                                                     step_size, inv_bc2)
-            elif l2 == 0:  # (all of _update_range inlined doubled the compile)
-                _update_range(c, P, G, S, np.int64(0), np.int64(n_params), zero)
-            else:  # l2 reaches the weights only (scikit-learn's alpha)
-                _update_range(c, P, G, S, np.int64(w1), np.int64(b1), l2)
-                _update_range(c, P, G, S, np.int64(b1), np.int64(w2), zero)
-                _update_range(c, P, G, S, np.int64(w2), np.int64(b2), l2)
-                _update_range(c, P, G, S, np.int64(b2), np.int64(n_params), zero)
-        else:  # each weight's step where its gradient is formed: no gradient buffer to write and read
-            c = rule_scalars_at(hp, b1_t, b2_t, one)
-            i64 = np.int64  # the offset type every other caller passes: one compiled rank1_step
-            rank1_step(c, P, S, i64(w2), i64(b2), i64(n_out), i64(H), ds, i64(o0), acts, i64(h0), l2)
-            rank1_step(c, P, S, i64(w1), i64(b1), i64(H), i64(n_in), ds, i64(h0), Xf, i64(xo), l2)
-    _alive(G_owned)
+                P[b1 + j] += dh[j] * neg_lr
+            continue
+        # a stateful rule: the gradient into G, then one vectorized pass of the rule
+        for o in range(n_out):
+            d = do[o]
+            for j in range(H):
+                G[w2 + o * H + j] = d * ah[j]
+            G[b2 + o] = d
+        for k in range(n_in):
+            xk = X[row, k]
+            for j in range(H):
+                G[w1 + k * H + j] = dh[j] * xk
+        for j in range(H):
+            G[b1 + j] = dh[j]
+        c = rule_scalars_at(hp, b1_t, b2_t, one)
+        # the common rules' loops inline, faster than a call on 2-8-1
+        # (benchmarks/results/exact-update-ab-xeon-spr-20261202.json); _mul etc. keep their rounding
+        _, lr, mom, _, _, _, beta1, obeta1, beta2, obeta2, eps, step_size, inv_bc2 = c
+        if heavy:
+            M = S[0]
+            for i in range(n_params):
+                P[i], M[i] = _momentum_step_of(P[i], M[i], G[i], mom, lr)
+        elif adam:
+            M, V = S[0], S[1]
+            for i in range(n_params):
+                P[i], M[i], V[i] = _adam_step_of(P[i], M[i], V[i], G[i], beta1, obeta1, beta2, obeta2, eps,
+                                                 step_size, inv_bc2)
+        elif l2 == 0:  # (all of _update_range inlined doubled the compile)
+            _update_range(c, P, G, S, np.int64(0), np.int64(n_params), zero)
+        else:  # l2 reaches the weights only (scikit-learn's alpha); hidden-major keeps W1 in [w1, b1)
+            _update_range(c, P, G, S, np.int64(w1), np.int64(b1), l2)
+            _update_range(c, P, G, S, np.int64(b1), np.int64(w2), zero)
+            _update_range(c, P, G, S, np.int64(w2), np.int64(b2), l2)
+            _update_range(c, P, G, S, np.int64(b2), np.int64(n_params), zero)
     return total, X.shape[0], correct
 
 
 @njit(cache=True, error_model="numpy", fastmath=_DOT_MATH, inline="always")
 def shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step, S, work):
-    """``_shallow_body`` with denormals flushed (``flush_denormals``); inlined where it is called."""
+    """``_shallow_body`` on hidden-major copies of ``P`` and ``S``, written back after (also
+    when it stops early), with denormals flushed (``flush_denormals``); inlined where it is
+    called. The copies, the gradient and the units' buffers are this call's own arrays."""
+    Pl, Sl = np.empty_like(P), np.empty_like(S)
+    _hidden_major(P, Pl, n_in, H)
+    for b in range(S.shape[0]):
+        _hidden_major(S[b], Sl[b], n_in, H)
+    plain = int(hp[HP_KIND]) == SGD and hp[HP_MOMENTUM] == 0 and hp[HP_WEIGHT_DECAY] == 0 and hp[HP_L2] == 0
+    G = np.empty(0 if plain else P.size, P.dtype)
+    zh, ah, dh = np.empty(H, P.dtype), np.empty(H, P.dtype), np.empty(H, P.dtype)
+    zo, ao, do = np.empty(n_out, P.dtype), np.empty(n_out, P.dtype), np.empty(n_out, P.dtype)
     old = flush_denormals()
-    out = _shallow_body(n_in, H, n_out, hidden, output, loss, _borrowed(P), _borrowed(X), _borrowed(Y),
-                        _borrowed(order), _borrowed(hp), _borrowed(step), _borrowed(S), _borrowed(work))
+    out = _shallow_body(n_in, H, n_out, hidden, output, loss, _borrowed(Pl), _borrowed(X), _borrowed(Y),
+                        _borrowed(order), _borrowed(hp), _borrowed(step), _borrowed(Sl), _borrowed(G), _borrowed(zh),
+                        _borrowed(ah), _borrowed(dh), _borrowed(zo), _borrowed(ao), _borrowed(do))
     restore_denormals(old)
+    _unit_major(Pl, P, n_in, H)
+    for b in range(S.shape[0]):
+        _unit_major(Sl[b], S[b], n_in, H)
+    _alive(G)
+    for kept in (zh, ah, dh, zo, ao, do):
+        _alive(kept)
     return out
 
 

@@ -775,7 +775,7 @@ def test_the_generated_module_names_the_kernels_it_inlines(tmp_path, monkeypatch
 
     monkeypatch.setattr(module, "_generated_dir", lambda: str(tmp_path))
     epoch = module._load_small_kernel((2, 3, 1), 0, 0, 1)
-    (path,) = tmp_path.glob("fastbp_small_2_3_1_0_0_1_*.py")
+    (path,) = tmp_path.glob("fastbp_small_2_3u_1_0_0_1_*.py")  # 3 hidden units: a constant, unrolled
     with open(module._K.__file__, "rb") as f:
         digest = hashlib.sha256(f.read() + module._SMALL_SOURCE.encode()).hexdigest()  # kernels and template
     assert digest[:16] in path.name and digest in path.read_text() and callable(epoch)
@@ -852,6 +852,43 @@ def test_float32_exp_polynomial_is_within_about_one_ulp_and_keeps_the_edges():
     x64, out64 = -np.linspace(0, 700, 1001), np.empty(1001)
     run(x64, out64)
     np.testing.assert_allclose(out64, np.exp(x64), rtol=4e-16, atol=0)  # libm vs NumPy's SIMD exp: <= 1 ulp
+
+
+def test_float32_logs_are_within_about_one_and_a_half_ulp_and_keep_the_edges():
+    """numba_kernels.log1p_unit (the log-loss tail, x in [0, 1]) and log_positive (softmax's
+    log of its exps' sum, x >= 1) for float32 against float64 libm: within 1.5 ulp (Cephes'
+    logf polynomial), exact at 0 and 1 respectively, NaN -> NaN, inf -> inf; float64 is libm's,
+    unchanged."""
+    from numba import njit
+
+    from fastbp.kernels import numba_kernels as K
+
+    @njit
+    def run(x, out, which):
+        for i in range(x.size):
+            out[i] = K.log1p_unit(x[i]) if which == 0 else K.log_positive(x[i])
+
+    rng = np.random.default_rng(1)
+    cases = ((np.log1p, np.concatenate([np.linspace(0, 1, 1000001), np.geomspace(1e-38, 1, 100000), rng.random(10**6),
+                                        [0.41421354, 0.41421357, 0.5, 1.0]]), 0),
+             (np.log, np.concatenate([np.linspace(1, 64, 1000001), np.geomspace(1, 3e38, 100000), [1.4142135, 1.4142137,
+                                                                                                   2.0, 1e30]]), 1))
+    for exact_fn, x, which in cases:
+        x = x.astype(np.float32)
+        out = np.empty_like(x)
+        run(x, out, which)
+        exact = exact_fn(x.astype(np.float64))
+        spacing = np.spacing(np.maximum(np.abs(exact), np.finfo(np.float32).tiny).astype(np.float32)).astype(np.float64)
+        ulps = np.abs(out - exact) / spacing
+        assert ulps.max() < 1.5, (which, ulps.max(), x[ulps.argmax()])
+        edges = np.array([0.0 if which == 0 else 1.0, np.nan] + ([np.inf] if which else []), np.float32)
+        got = np.empty_like(edges)
+        run(edges, got, which)
+        assert got[0] == 0.0 and np.isnan(got[1]) and (which == 0 or got[2] == np.inf)
+        x64 = x[:1000].astype(np.float64)
+        out64 = np.empty_like(x64)
+        run(x64, out64, which)
+        np.testing.assert_allclose(out64, exact_fn(x64), rtol=4e-16, atol=0)  # libm vs NumPy's SIMD: <= 1 ulp
 
 
 @pytest.mark.parametrize("a_shape,b_shape,out_shape", [((2, 3), (4, 5), (2, 5)), ((2, 3), (3, 5), (3, 5)),

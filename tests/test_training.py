@@ -267,3 +267,55 @@ def test_leaky_relu_in_place_equals_out_of_place(backend):
     np.testing.assert_array_equal(fb.to_numpy(z), fb.to_numpy(out))
     np.testing.assert_allclose(fb.to_numpy(out), np.where(np.linspace(-2, 2, 12) > 0, 1, 0.01).reshape(3, 4)
                                * np.linspace(-2, 2, 12).reshape(3, 4), rtol=1e-15)
+
+
+def _per_example_fit(net, X, Y, seed, **kwargs):
+    return net.fit(X, Y, epochs=4, batch_size=1, lr=0.05, seed=seed, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("diverge", [False, True])
+def test_the_next_shuffle_drawn_ahead_keeps_the_stream_and_the_result(monkeypatch, diverge):
+    """Where the backend's epoch releases the GIL (a small net per example on Numba), fit draws
+    the next epoch's permutation while the current one trains: the same trajectory and the
+    generator left where drawing in turn leaves it, also when an epoch diverges."""
+    pytest.importorskip("numba")
+    X, Y = make_data(200, 2, 1, "mse", seed=3)
+    if diverge:
+        X = X * 1e3
+    runs = []
+    with fb.use_backend("numba") as be:
+        for ahead in (True, False):
+            monkeypatch.setattr(type(be), "epoch_releases_gil", lambda self, *a, ahead=ahead: ahead)
+            net = fb.MLP([2, 6, 1], activation="tanh", loss="mse", dtype="float64", seed=0)
+            if diverge:
+                with pytest.raises(fb.TrainingDivergedError):
+                    net.fit(X, Y, epochs=4, batch_size=1, lr=5.0, progress=False, seed=None)
+            else:
+                _per_example_fit(net, X, Y, seed=None)
+            runs.append((_params(net), net._rng.bit_generator.state))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+
+
+def test_a_draw_ahead_not_used_is_undone_when_an_epoch_raises(monkeypatch):
+    pytest.importorskip("numba")
+    X, Y = make_data(50, 2, 1, "mse", seed=4)
+    calls = []
+    real = _Trainer._epoch
+
+    def failing(self, order, rule, upcoming=None):
+        calls.append(order)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, order, rule, upcoming)
+
+    with fb.use_backend("numba") as be:
+        assert be.epoch_releases_gil(fb.MLP([2, 6, 1], dtype="float64").spec, 1, "vectorized")
+        net = fb.MLP([2, 6, 1], activation="tanh", loss="mse", dtype="float64", seed=0)
+        expected = np.random.default_rng(0)
+        net._rng = np.random.default_rng(0)
+        monkeypatch.setattr(_Trainer, "_epoch", failing)
+        with pytest.raises(KeyboardInterrupt):
+            net.fit(X, Y, epochs=5, batch_size=1, lr=0.05, progress=False)
+    expected.permutation(50), expected.permutation(50)  # the two epochs begun; the third's draw undone
+    assert net._rng.bit_generator.state == expected.bit_generator.state
