@@ -968,7 +968,7 @@ def _hidden_count(n_hidden: int) -> str:
     """The hidden-unit count as the generated kernel reads it: a constant up to
     UNROLLED_HIDDEN_MAX units (LLVM unrolls the loops over them into scalar code), else from
     ``sizes`` at run time (the loops stay loops, vectorized across the units): each the faster
-    there (benchmarks/results/small-kernel-ab-20261207T190530Z.json)."""
+    there (benchmarks/results/small-kernel-ab-20261207T201239Z.json)."""
     return str(n_hidden) if n_hidden <= UNROLLED_HIDDEN_MAX else "sizes[1]"
 
 
