@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -363,8 +365,9 @@ class _Trainer:
         the epoch's kernel lets go of the GIL (``_NextOrder``)."""
         be, spec, net, st = self.be, self.spec, self.net, self.opt.state
         if be.has_compiled_epoch and be.supports_epoch(spec, self.batch, self.strategy, rule):
+            extra = {} if upcoming is None else {"meanwhile": upcoming.start}  # (a Backend of before it takes none)
             return be.train_epoch(spec, net._params, net._grads, self.X, self.Y, self.batch, rule, st, self.strategy,
-                                  order=order, meanwhile=None if upcoming is None else upcoming.start)
+                                  order=order, **extra)
         Xs, Ys = self.X, self.Y
         if order is not None:
             if self._shuffled is None:  # made on first use, kept for the fit's later epochs
@@ -394,21 +397,28 @@ class _NextOrder:
     sooner, the draw would take the GIL whenever NumPy releases it in the epoch's checks, and
     the epoch would wait on it. The stream is the one drawn in turn: the same generator, the
     same order of draws; a draw not used is undone (``undo``), one not started is made on
-    ``take``."""
+    ``take`` (also when no thread can be started)."""
 
     _pool = None  # (pid, ThreadPoolExecutor): one worker, made again in a forked child
+    _pool_lock = threading.Lock()  # two threads' fits must not each make one
 
     def __init__(self, rng, n: int) -> None:
         self.rng, self.n, self.state, self.future = rng, n, rng.bit_generator.state, None
 
     def start(self) -> None:
-        import os
+        try:
+            self.future = self._executor().submit(self.rng.permutation, self.n)
+        except RuntimeError:  # no thread to be had (a thread limit, interpreter shutdown): take draws it
+            self.future = None
 
-        if _NextOrder._pool is None or _NextOrder._pool[0] != os.getpid():
-            from concurrent.futures import ThreadPoolExecutor
+    @classmethod
+    def _executor(cls):
+        with cls._pool_lock:
+            if cls._pool is None or cls._pool[0] != os.getpid():
+                from concurrent.futures import ThreadPoolExecutor
 
-            _NextOrder._pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="fastbp-shuffle"))
-        self.future = _NextOrder._pool[1].submit(self.rng.permutation, self.n)
+                cls._pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="fastbp-shuffle"))
+            return cls._pool[1]
 
     def take(self):
         """``(permutation, the generator's state before it was drawn)``."""
@@ -420,6 +430,10 @@ class _NextOrder:
         if self.future is not None:
             self.future.exception()  # waits: the draw must be over before the state is put back
         self.rng.bit_generator.state = self.state
+
+
+if hasattr(os, "register_at_fork"):  # a fork while another thread held the lock must not leave it held
+    os.register_at_fork(after_in_child=lambda: setattr(_NextOrder, "_pool_lock", threading.Lock()))
 
 
 # ---------------------------------------------------------------- helpers

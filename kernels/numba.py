@@ -690,8 +690,9 @@ class NumbaBackend(Backend):
 
         Returns ``(loss_sum, n_done, n_correct)``; stops before the update of the first batch
         whose cost is not finite, so ``n_done < n`` says where (a small net's per-example
-        kernel checks the outputs and targets instead: the same but for softmax logits ~1e38
-        apart, whose infinite cost shows in ``loss_sum``).
+        kernel checks the logits and the output deltas instead, and the cost only for mse:
+        the same but for softmax logits farther apart than the float range, whose infinite
+        cost shows in ``loss_sum`` after finite updates).
         """
         self._check_fast_path(spec, params, grads, X, Y)
         self._check_update(spec, rule, params, grads, state)

@@ -284,9 +284,10 @@ def _float32_bits(typingctx, x):
 
 
 @njit(cache=True, error_model="numpy", fastmath=False, inline="always")
-def _log1p_small(f, k):
-    """Cephes' logf core, ``log(1 + f) + k ln 2`` for f in [sqrt(1/2) - 1, sqrt(2) - 1]: a
-    degree-8 polynomial, within ~1.5 ulp; every multiply-add one ``_fma`` (see exp_f32)."""
+def _log1p_small(f, k, tail):
+    """Cephes' logf core, ``log(1 + f + t) + k ln 2`` for f in [sqrt(1/2) - 1, sqrt(2) - 1]
+    and ``tail = t / (1 + f)`` below f's last bit: a degree-8 polynomial, within ~1.5 ulp;
+    every multiply-add one ``_fma`` (see exp_f32)."""
     z = f * f
     p = _fma(_F32(7.0376836292e-2), f, _F32(-1.1514610310e-1))
     p = _fma(p, f, _F32(1.1676998740e-1))
@@ -297,7 +298,7 @@ def _log1p_small(f, k):
     p = _fma(p, f, _F32(-2.4999993993e-1))
     p = _fma(p, f, _F32(3.3333331174e-1))
     y = _fma(p * f, z, _F32(-0.5) * z)
-    return _fma(k, _F32(0.693359375), f + _fma(k, _F32(-2.12194440e-4), y))
+    return _fma(k, _F32(0.693359375), f + (_fma(k, _F32(-2.12194440e-4), y) + tail))
 
 
 def log1p_unit(x):
@@ -319,7 +320,11 @@ def _log1p_unit(x):
 
     def log1p_f32(x):  # 1 + x is never formed (it would round): f = x, or (x - 1)/2 plus ln 2
         low = x < _F32(0.41421356237)
-        return _log1p_small(x if low else (x - _F32(1.0)) * _F32(0.5), _F32(0.0) if low else _F32(1.0))
+        s = x - _F32(1.0)  # rounds for x < 1/2; lost = what it dropped (Fast2Sum, exact)
+        lost = x - (s + _F32(1.0))
+        f = s * _F32(0.5)
+        return _log1p_small(x if low else f, _F32(0.0) if low else _F32(1.0),
+                            _F32(0.0) if low else lost * _F32(0.5) * (_F32(1.0) - f))
 
     return log1p_f32
 
@@ -335,7 +340,7 @@ def _log_positive(x):
         m = _float32_from_bits((bits & np.int32(0x7FFFFF)) | np.int32(0x3F800000))  # [1, 2)
         big = m >= _F32(1.41421356237)
         f = m * _F32(0.5) - _F32(1.0) if big else m - _F32(1.0)
-        y = _log1p_small(f, _F32(e + np.int32(1)) if big else _F32(e))
+        y = _log1p_small(f, _F32(e + np.int32(1)) if big else _F32(e), _F32(0.0))
         return y if x < _F32(np.inf) else x
 
     return log_f32
@@ -1443,30 +1448,43 @@ def shallow_epoch(sizes, hidden, output, loss, P, X, Y, order, hp, step, S, work
 
 
 @njit(cache=True, error_model="numpy", fastmath=False, inline="always")
-def _hidden_major(src, dst, n_in, H):
-    """A shallow net's flat parameters (or a state row) with the first layer's weights stored
-    (n_in, H) instead of (H, n_in): in ``_shallow_body`` every loop over the hidden units then
-    walks contiguous memory, which LLVM vectorizes across the units."""
+def _relayout(src, dst, n_in, H, to_hidden_major):
+    """A shallow net's flat parameters (or a state row) copied with the first layer's weights
+    stored (n_in, H) instead of (H, n_in) (``to_hidden_major``), or back: in ``_shallow_body``
+    every loop over the hidden units then walks contiguous memory, which LLVM vectorizes."""
     for j in range(H):
         for k in range(n_in):
-            dst[k * H + j] = src[j * n_in + k]
-    for i in range(H * n_in, src.size):
-        dst[i] = src[i]
-
-
-@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
-def _unit_major(src, dst, n_in, H):
-    """``_hidden_major`` undone."""
-    for j in range(H):
-        for k in range(n_in):
-            dst[j * n_in + k] = src[k * H + j]
+            if to_hidden_major:
+                dst[k * H + j] = src[j * n_in + k]
+            else:
+                dst[j * n_in + k] = src[k * H + j]
     for i in range(H * n_in, src.size):
         dst[i] = src[i]
 
 
 @njit(cache=True, error_model="numpy", fastmath=_DOT_MATH, inline="always")
+def _dot_split(P, lo, a, n, zero):
+    """``sum_j P[lo + j] a[j]`` in four partial sums: a chain of n/4 multiply-adds, not n (a
+    small net's output logit is on its per-example critical path)."""
+    lo, n = _U(lo), _U(n)
+    one, four = _U(1), _U(4)
+    s0, s1, s2, s3 = zero, zero, zero, zero
+    j = _U(0)
+    while j + four <= n:
+        s0 += P[lo + j] * a[j]
+        s1 += P[lo + j + one] * a[j + one]
+        s2 += P[lo + j + _U(2)] * a[j + _U(2)]
+        s3 += P[lo + j + _U(3)] * a[j + _U(3)]
+        j += four
+    while j < n:
+        s0 += P[lo + j] * a[j]
+        j += one
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(cache=True, error_model="numpy", fastmath=_DOT_MATH, inline="always")
 def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step, S, G, zh, ah, dh, zo, ao, do):
-    """``shallow_epoch``'s loop on hidden-major ``P`` and ``S`` (``_hidden_major``), inlined
+    """``shallow_epoch``'s loop on hidden-major ``P`` and ``S`` (``_relayout``), inlined
     where it is called: with the input and output sizes and the codes as compile-time constants
     (the generated modules, kernels/numba.py) LLVM unrolls the loops over them. ``G``: room for a stateful
     rule's gradient; ``zh``, ``ah``, ``dh`` and ``zo``, ``ao``, ``do``: the hidden and the output
@@ -1502,29 +1520,30 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step
             zh[j] = z
             ah[j] = _phi(hidden, z)
         for o in range(n_out):
-            acc = zero
-            for j in range(H):
-                acc += P[w2 + o * H + j] * ah[j]
-            z = acc + P[b2 + o]
-            if not (np.isfinite(z) and np.isfinite(Y[row, o])):
+            z = _dot_split(P, w2 + o * H, ah, H, zero) + P[b2 + o]
+            if not np.isfinite(z):
                 return total, s, correct
             zo[o] = z
-        # the outputs and targets checked, not the cost: a branch on the cost (its log's
-        # latency) slowed 2-8-1 by ~7%. With both finite so is the cost, but for softmax
-        # logits ~1e38 apart, whose overflow shows in the returned sum.
-        total += output_layer(loss, output, zo, ao, do, np.int64(0), n_out, Y, row, one)
+        # the logits and deltas checked, and the cost only for mse: a branch on a log-loss or
+        # softmax cost (its log's latency) slowed 2-8-1 by ~7%. With those finite so is the
+        # cost, but for softmax logits farther apart than the float range, whose overflow
+        # shows in the returned sum (no update here is then infinite).
+        cost = output_layer(loss, output, zo, ao, do, np.int64(0), n_out, Y, row, one)
+        for o in range(n_out):
+            if not np.isfinite(do[o]):
+                return total, s, correct
+        if loss == MSE and not np.isfinite(cost):  # finite deltas, an overflowing square
+            return total, s, correct
+        total += cost
         correct += _row_correct(loss, ao, np.int64(0), Y, row)
         step[0] += 1
         b1_t *= hp[HP_BETA1]
         b2_t *= hp[HP_BETA2]
         for j in range(H):  # hidden deltas from the output weights before their update
-            dh[j] = zero
-        for o in range(n_out):
-            d = do[o]
-            for j in range(H):
-                dh[j] += P[w2 + o * H + j] * d
-        for j in range(H):
-            dh[j] = _dphi(hidden, zh[j], ah[j], dh[j])
+            acc = zero
+            for o in range(n_out):
+                acc += P[w2 + o * H + j] * do[o]
+            dh[j] = _dphi(hidden, zh[j], ah[j], acc)
         if plain:  # each step where its gradient is formed: no gradient buffer
             for o in range(n_out):
                 st = do[o] * neg_lr
@@ -1579,9 +1598,9 @@ def shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step,
     when it stops early), with denormals flushed (``flush_denormals``); inlined where it is
     called. The copies, the gradient and the units' buffers are this call's own arrays."""
     Pl, Sl = np.empty_like(P), np.empty_like(S)
-    _hidden_major(P, Pl, n_in, H)
+    _relayout(P, Pl, n_in, H, True)
     for b in range(S.shape[0]):
-        _hidden_major(S[b], Sl[b], n_in, H)
+        _relayout(S[b], Sl[b], n_in, H, True)
     plain = int(hp[HP_KIND]) == SGD and hp[HP_MOMENTUM] == 0 and hp[HP_WEIGHT_DECAY] == 0 and hp[HP_L2] == 0
     G = np.empty(0 if plain else P.size, P.dtype)
     zh, ah, dh = np.empty(H, P.dtype), np.empty(H, P.dtype), np.empty(H, P.dtype)
@@ -1591,9 +1610,9 @@ def shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step,
                         _borrowed(order), _borrowed(hp), _borrowed(step), _borrowed(Sl), _borrowed(G), _borrowed(zh),
                         _borrowed(ah), _borrowed(dh), _borrowed(zo), _borrowed(ao), _borrowed(do))
     restore_denormals(old)
-    _unit_major(Pl, P, n_in, H)
+    _relayout(Pl, P, n_in, H, False)
     for b in range(S.shape[0]):
-        _unit_major(Sl[b], S[b], n_in, H)
+        _relayout(Sl[b], S[b], n_in, H, False)
     _alive(G)
     for kept in (zh, ah, dh, zo, ao, do):
         _alive(kept)

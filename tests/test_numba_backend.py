@@ -857,7 +857,8 @@ def test_float32_exp_polynomial_is_within_about_one_ulp_and_keeps_the_edges():
 def test_float32_logs_are_within_about_one_and_a_half_ulp_and_keep_the_edges():
     """numba_kernels.log1p_unit (the log-loss tail, x in [0, 1]) and log_positive (softmax's
     log of its exps' sum, x >= 1) for float32 against float64 libm: within 1.5 ulp (Cephes'
-    logf polynomial), exact at 0 and 1 respectively, NaN -> NaN, inf -> inf; float64 is libm's,
+    logf polynomial), log1p_unit within 1 (the bits that x - 1 drops for x < 1/2 added back),
+    exact at 0 and 1 respectively, NaN -> NaN, inf -> inf; float64 is libm's,
     unchanged."""
     from numba import njit
 
@@ -870,6 +871,7 @@ def test_float32_logs_are_within_about_one_and_a_half_ulp_and_keep_the_edges():
 
     rng = np.random.default_rng(1)
     cases = ((np.log1p, np.concatenate([np.linspace(0, 1, 1000001), np.geomspace(1e-38, 1, 100000), rng.random(10**6),
+                                        rng.uniform(0.41, 0.5, 10**6),
                                         [0.41421354, 0.41421357, 0.5, 1.0]]), 0),
              (np.log, np.concatenate([np.linspace(1, 64, 1000001), np.geomspace(1, 3e38, 100000), [1.4142135, 1.4142137,
                                                                                                    2.0, 1e30]]), 1))
@@ -880,7 +882,7 @@ def test_float32_logs_are_within_about_one_and_a_half_ulp_and_keep_the_edges():
         exact = exact_fn(x.astype(np.float64))
         spacing = np.spacing(np.maximum(np.abs(exact), np.finfo(np.float32).tiny).astype(np.float32)).astype(np.float64)
         ulps = np.abs(out - exact) / spacing
-        assert ulps.max() < 1.5, (which, ulps.max(), x[ulps.argmax()])
+        assert ulps.max() < (1.0 if which == 0 else 1.5), (which, ulps.max(), x[ulps.argmax()])
         edges = np.array([0.0 if which == 0 else 1.0, np.nan] + ([np.inf] if which else []), np.float32)
         got = np.empty_like(edges)
         run(edges, got, which)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import fastbp as fb
-from fastbp.training import _Trainer
+from fastbp.kernels.base import OptimizerState, UpdateRule
+from fastbp.training import _NextOrder, _Trainer
 from conftest import make_data
 from reference import sgd_trajectory
 
@@ -319,3 +320,67 @@ def test_a_draw_ahead_not_used_is_undone_when_an_epoch_raises(monkeypatch):
             net.fit(X, Y, epochs=5, batch_size=1, lr=0.05, progress=False)
     expected.permutation(50), expected.permutation(50)  # the two epochs begun; the third's draw undone
     assert net._rng.bit_generator.state == expected.bit_generator.state
+
+
+def test_fit_draws_inline_when_no_thread_can_be_started(monkeypatch):
+    """A helper thread refused (a thread limit, interpreter shutdown) leaves fit working: the
+    next permutation is drawn in turn, with the same result as a fit that never asked."""
+    pytest.importorskip("numba")
+    X, Y = make_data(120, 2, 1, "mse", seed=5)
+    results = []
+    with fb.use_backend("numba") as be:
+        for refuse in (False, True):
+            if refuse:
+                def no_thread(cls):
+                    raise RuntimeError("can't start new thread")
+                monkeypatch.setattr(_NextOrder, "_executor", classmethod(no_thread))
+            net = fb.MLP([2, 6, 1], activation="tanh", loss="mse", dtype="float64", seed=0)
+            assert be.epoch_releases_gil(net.spec, 1, "vectorized")
+            _per_example_fit(net, X, Y, seed=7)
+            results.append((_params(net), net._rng.bit_generator.state))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    assert results[0][1] == results[1][1]
+
+
+def test_fit_asks_no_draw_ahead_of_a_backend_whose_epoch_keeps_the_gil(monkeypatch):
+    """``meanwhile=`` reaches ``train_epoch`` only when a draw is pending: a Backend written
+    before that keyword (its train_epoch without it) still trains."""
+    pytest.importorskip("numba")
+    X, Y = make_data(60, 2, 1, "mse", seed=6)
+    seen = []
+    with fb.use_backend("numba") as be:
+        real = type(be).train_epoch
+
+        def old_signature(self, spec, params, grads, X, Y, batch_size, rule, state, strategy, order=None):
+            seen.append(order is not None)
+            return real(self, spec, params, grads, X, Y, batch_size, rule, state, strategy, order=order)
+
+        monkeypatch.setattr(type(be), "train_epoch", old_signature)
+        monkeypatch.setattr(type(be), "epoch_releases_gil", lambda self, *a: False)
+        net = fb.MLP([2, 6, 1], activation="tanh", loss="mse", dtype="float64", seed=0)
+        _per_example_fit(net, X, Y, seed=1)
+    assert seen == [True] * 4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_small_kernel_stops_before_an_update_whose_mse_overflows(dtype):
+    """The small per-example kernel checks the logits and deltas, and for mse the cost too:
+    finite outputs and targets whose squared error overflows stop the epoch at that example,
+    parameters still finite (as the generic per-example epoch does)."""
+    pytest.importorskip("numba")
+    big = np.finfo(dtype).max
+    X = np.array([[0.1, 0.2], [0.3, -0.1], [0.2, 0.2]], dtype)
+    Y = np.array([[0.5], [big / 2 if dtype == "float64" else big], [0.1]], dtype)
+    with fb.use_backend("numba") as be:
+        net = fb.MLP([2, 3, 1], activation="tanh", loss="mse", dtype=dtype, seed=0)
+        if dtype == "float64":  # the float64 square overflows with a finite delta
+            Y[1, 0] = 1e200
+        else:  # float32: the delta itself overflows
+            net._params[-1] = -big / 2
+            Y[1, 0] = big / 1.5
+        upd = UpdateRule("sgd", lr=0.01)
+        state = OptimizerState(np.zeros((upd.n_buffers, net.spec.n_params), dtype))
+        before = net._params.copy()
+        total, done, _ = be.train_epoch(net.spec, net._params, net._grads, X, Y, 1, upd, state, "vectorized")
+    assert done == 1 and np.isfinite(total)
+    assert np.all(np.isfinite(net._params)) and not np.array_equal(net._params, before)
