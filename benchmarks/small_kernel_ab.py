@@ -43,12 +43,13 @@ N = 4000
 
 def _kernel(n_in, hidden_count, n_out, codes):
     """``shallow_body`` with these sizes (``hidden_count`` a literal or ``"sizes[1]"``)."""
-    source = ("from numba import njit\n"
+    source = ("import numpy as np\nfrom numba import njit\n"
               "from fastbp.kernels.numba_kernels import _DOT_MATH, shallow_body\n"
               "@njit(error_model='numpy', fastmath=_DOT_MATH)\n"
               "def epoch(sizes, hidden, output, loss, P, X, Y, order, hp, step, S, work):\n"
               f"    return shallow_body({n_in}, {hidden_count}, {n_out}, {', '.join(map(str, codes))}, "
-              "P, X, Y, order, hp, step, S, work)\n")
+              "P, X, Y, order, hp, step, S, work, np.empty(0, np.int64), np.empty(0, np.uint64), "
+              "np.empty(0, np.uint64))\n")
     scope = {}
     exec(source, scope)
     return scope["epoch"]

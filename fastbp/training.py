@@ -14,9 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-import os
 import sys
-import threading
 import time
 
 import numpy as np
@@ -286,10 +284,11 @@ class _Trainer:
         bar = _progress_bar(self.epochs, self.show)
         samples = 0
         # with no callbacks (they may read or save the generator), the next epoch's shuffle is
-        # drawn while this one trains when the backend's epoch releases the GIL
-        ahead = (self.shuffle and self.stream is None and not self.hooks
-                 and be.epoch_releases_gil(self.spec, self.batch, self.strategy))
-        upcoming = None  # _NextOrder
+        # drawn by the epoch's kernel as it trains, where the backend can (_KernelDraw)
+        draw = None
+        if (self.shuffle and self.stream is None and not self.hooks and self.epochs > 0
+                and be.draws_next_order(self.spec, self.batch, self.strategy)):
+            draw = _KernelDraw.of(self.rng, self.n)
         try:
             # overflow shows up as a non-finite loss, reported as TrainingDivergedError
             with np.errstate(over="ignore", invalid="ignore"):
@@ -298,27 +297,25 @@ class _Trainer:
                     snapshot[...] = net._params
                     state_snapshot[...] = opt.state.buffers
                     step0 = opt.state.steps
-                    if upcoming is None:
+                    if draw is None:
                         rng_state = self.rng.bit_generator.state  # a diverged epoch must not move the stream
                     rule = opt.rule()
                     if self.stream is not None:  # chunks of rows (under MPI: allreduce per batch)
                         order = self.rng.permutation(self.n) if self.shuffle else None
                         loss_sum, n_done, correct = data.train_epoch(net, self.stream, order, rule, opt.state,
                                                                      self.strategy, self.count, self.comm)
+                    elif draw is not None:
+                        order = draw.order
+                        loss_sum, n_done, correct = self._epoch(
+                            order, rule, draw.next_order() if epoch + 1 < self.epochs else None)
                     else:
-                        if upcoming is not None:  # drawn while the last epoch trained
-                            (order, rng_state), upcoming = upcoming.take(), None
-                        else:
-                            order = self.rng.permutation(self.n) if self.shuffle else None
-                        if ahead and epoch + 1 < self.epochs:
-                            upcoming = _NextOrder(self.rng, self.n)
+                        order = self.rng.permutation(self.n) if self.shuffle else None
                         order = None if order is None else be.index_array(order)
-                        loss_sum, n_done, correct = self._epoch(order, rule, upcoming)
+                        loss_sum, n_done, correct = self._epoch(order, rule)
                     epoch_loss = float(loss_sum) / max(n_done, 1)
                     if n_done < self.n or not math.isfinite(epoch_loss) or not be.all_finite(net._params):
-                        if upcoming is not None:  # finished, then the stream put back to before this epoch
-                            upcoming.undo()
-                            upcoming = None
+                        if draw is not None:  # the stream put back to before this epoch's order was drawn
+                            rng_state, draw = draw.before_state(), None
                         net._params[...] = snapshot
                         opt.state.buffers[...] = state_snapshot
                         opt.state.step[0] = step0
@@ -327,6 +324,8 @@ class _Trainer:
                             f"training diverged: the loss became NaN or Inf in epoch {epoch + 1} ({opt!r}); "
                             f"parameters and optimizer state restored to those at the start of epoch "
                             f"{epoch + 1}. Try a smaller lr or standardised inputs.", history)
+                    if draw is not None and epoch + 1 < self.epochs:
+                        draw.advance()  # the order the kernel drew becomes the next epoch's
                     samples += self.n
                     logs = {"loss": epoch_loss}
                     if self.count:
@@ -348,8 +347,8 @@ class _Trainer:
                         history.stopped_epoch = epoch
                         break
         finally:
-            if upcoming is not None:  # stopped early, or an exception: the draw not used is undone
-                upcoming.undo()
+            if draw is not None:  # the generator left where drawing each order in turn leaves it
+                draw.close()
             if bar is not None:
                 bar.close()
         for hook in self.hooks:
@@ -358,16 +357,22 @@ class _Trainer:
                 history.best_epoch = hook.best_epoch
         return history
 
-    def _epoch(self, order, rule, upcoming=None):
+    def _epoch(self, order, rule, next_order=None):
         """One epoch over the rows in ``order`` (None: as they are): the backend's whole-epoch
         fast path when it has one for this (it reads the rows in that order in place), else
-        batch by batch over a shuffled copy. ``upcoming``: the next epoch's draw, started when
-        the epoch's kernel lets go of the GIL (``_NextOrder``)."""
+        batch by batch over a shuffled copy. ``next_order``: where the epoch's kernel draws the
+        next epoch's order (``_KernelDraw.next_order``; only where ``draws_next_order``)."""
         be, spec, net, st = self.be, self.spec, self.net, self.opt.state
         if be.has_compiled_epoch and be.supports_epoch(spec, self.batch, self.strategy, rule):
-            extra = {} if upcoming is None else {"meanwhile": upcoming.start}  # (a Backend of before it takes none)
+            extra = {} if next_order is None else {"next_order": next_order}  # (a Backend of before takes none)
             return be.train_epoch(spec, net._params, net._grads, self.X, self.Y, self.batch, rule, st, self.strategy,
                                   order=order, **extra)
+        if next_order is not None:  # (not reached where draws_next_order holds) drawn here instead
+            from fastbp.kernels import numba_random
+
+            out, state_in, state_out = next_order
+            state_out[...] = state_in
+            numba_random.permutation_into(state_out, out)
         Xs, Ys = self.X, self.Y
         if order is not None:
             if self._shuffled is None:  # made on first use, kept for the fit's later epochs
@@ -389,51 +394,43 @@ class _Trainer:
         return total, self.n, correct
 
 
-class _NextOrder:
-    """The next epoch's permutation, drawn from ``rng`` on a helper thread while the current
-    epoch's kernel runs without the GIL (the draw, ~50 us for 4000 rows, is then off the
-    epoch's path, as JAX's asynchronous dispatch has it). Started from inside the backend
-    (``Backend.train_epoch``'s ``meanwhile``), right as the kernel lets go of the GIL: started
-    sooner, the draw would take the GIL whenever NumPy releases it in the epoch's checks, and
-    the epoch would wait on it. The stream is the one drawn in turn: the same generator, the
-    same order of draws; a draw not used is undone (``undo``), one not started is made on
-    ``take`` (also when no thread can be started)."""
-
-    _pool = None  # (pid, ThreadPoolExecutor): one worker, made again in a forked child
-    _pool_lock = threading.Lock()  # two threads' fits must not each make one
+class _KernelDraw:
+    """A fit's shuffles drawn by its epochs' kernels: each epoch's kernel draws the next
+    epoch's order while it trains (Fisher-Yates steps beside the training steps; drawn apart,
+    the permutation was ~10% of a tiny net's epoch), from a copy of the generator's PCG64 state
+    (kernels/numba_random.py: NumPy's ``permutation``, bit for bit). The generator itself is
+    written once, by ``close``: left where drawing each used order in turn leaves it. On
+    divergence ``before_state()`` is its state before the failed epoch's order was drawn."""
 
     def __init__(self, rng, n: int) -> None:
-        self.rng, self.n, self.state, self.future = rng, n, rng.bit_generator.state, None
+        from fastbp.kernels import numba_random
 
-    def start(self) -> None:
-        try:
-            self.future = self._executor().submit(self.rng.permutation, self.n)
-        except RuntimeError:  # no thread to be had (a thread limit, interpreter shutdown): take draws it
-            self.future = None
+        self._random, self.rng = numba_random, rng
+        self._before = numba_random.pcg64_state(rng)  # before the current order was drawn
+        self.order = rng.permutation(n)  # the first one as NumPy draws it
+        self.committed = numba_random.pcg64_state(rng)  # after it: the orders used so far
+        self._next, self._drawn = np.empty(n, np.int64), np.empty_like(self.committed)
 
     @classmethod
-    def _executor(cls):
-        with cls._pool_lock:
-            if cls._pool is None or cls._pool[0] != os.getpid():
-                from concurrent.futures import ThreadPoolExecutor
+    def of(cls, rng, n: int):
+        """None where ``rng`` is not a PCG64 generator (fit then draws with NumPy as before)."""
+        return cls(rng, n) if type(getattr(rng, "bit_generator", None)) is np.random.PCG64 else None
 
-                cls._pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="fastbp-shuffle"))
-            return cls._pool[1]
+    def next_order(self):
+        """``(out, state_in, state_out)`` for the kernel: the next order into ``out``, drawn from
+        ``state_in``, the state after it into ``state_out`` (written only when it finished)."""
+        return self._next, self.committed, self._drawn
 
-    def take(self):
-        """``(permutation, the generator's state before it was drawn)``."""
-        order = self.rng.permutation(self.n) if self.future is None else self.future.result()
-        return order, self.state
+    def advance(self) -> None:
+        """The epoch finished: the order its kernel drew is the next epoch's."""
+        self.order, self._next = self._next, self.order
+        self._before, self.committed, self._drawn = self.committed, self._drawn, self._before
 
-    def undo(self) -> None:
-        """Put the generator back where it was before this draw."""
-        if self.future is not None:
-            self.future.exception()  # waits: the draw must be over before the state is put back
-        self.rng.bit_generator.state = self.state
+    def before_state(self) -> dict:
+        return self._random.pcg64_state_dict(self._before)
 
-
-if hasattr(os, "register_at_fork"):  # a fork while another thread held the lock must not leave it held
-    os.register_at_fork(after_in_child=lambda: setattr(_NextOrder, "_pool_lock", threading.Lock()))
+    def close(self) -> None:
+        self.rng.bit_generator.state = self._random.pcg64_state_dict(self.committed)
 
 
 # ---------------------------------------------------------------- helpers

@@ -287,13 +287,13 @@ class Backend:
         """Whether :meth:`train_epoch` runs this combination (and is faster than the composed path)."""
         return False
 
-    def epoch_releases_gil(self, spec: NetSpec, batch_size: int, strategy: str) -> bool:
-        """Whether :meth:`train_epoch` runs this combination without holding the GIL, calling
-        its ``meanwhile`` first (``fit`` then draws the next epoch's shuffle on another thread)."""
+    def draws_next_order(self, spec: NetSpec, batch_size: int, strategy: str) -> bool:
+        """Whether :meth:`train_epoch` runs this combination and can draw the next epoch's
+        order meanwhile (its ``next_order``)."""
         return False
 
     def train_epoch(self, spec: NetSpec, params, grads, X, Y, batch_size, rule: UpdateRule,
-                    state: OptimizerState, strategy, order=None, meanwhile=None):
+                    state: OptimizerState, strategy, order=None, next_order=None):
         """A whole epoch of mini-batch training over the rows of ``X, Y`` in ``order`` (a
         permutation from :meth:`index_array`; None: in their own order), each batch's gradient
         applied by ``rule`` exactly as :meth:`update` would -- the same as running it over
@@ -302,8 +302,10 @@ class Backend:
         Returns ``(loss_sum, n_done, n_correct)``: the summed pre-update cost of the batches
         run, how many examples they covered, and how many of them the pre-update outputs
         classified right (:meth:`count_correct`; 0 for mse). Stops early (``n_done < n``) at
-        the first batch whose cost is not finite, without applying its update. ``meanwhile``:
-        called with no arguments just before a kernel that releases the GIL starts (see
-        :meth:`epoch_releases_gil`), not at all otherwise.
+        the first batch whose cost is not finite, without applying its update.
+        ``next_order``: ``(out, state_in, state_out)`` where :meth:`draws_next_order` holds:
+        the epoch also draws ``Generator.permutation(n)`` into ``out`` (int64, n) from the
+        PCG64 state ``state_in`` and writes the state after it into ``state_out`` (uint64, 5
+        each, kernels/numba_random.py), the latter only when the epoch ran to its end.
         """
         raise NotImplementedError

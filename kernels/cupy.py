@@ -1086,7 +1086,7 @@ class CupyBackend(Backend):
                 and spec.loss in LOSSES and isinstance(rule, UpdateRule) and rule.kind in UPDATE_RULES)
 
     def train_epoch(self, spec: NetSpec, params, grads, X, Y, batch_size, rule: UpdateRule,
-                    state: OptimizerState, strategy, order=None, meanwhile=None):
+                    state: OptimizerState, strategy, order=None, next_order=None):
         """One epoch over the rows of ``X, Y`` in ``order`` (gathered on the device first; None:
         as they are), one graph replay per batch (see Backend.train_epoch).
 
@@ -1095,6 +1095,9 @@ class CupyBackend(Backend):
         """
         if strategy != "vectorized":
             raise ValueError(f"Received: strategy={strategy!r}. Expected 'vectorized' (see supports_epoch)")
+        if next_order is not None:
+            raise ValueError("next_order: this backend draws no order (draws_next_order is False). "
+                             f"Received: next_order of type {type(next_order).__name__}. Expected None")
         check_rule(spec, rule, state, xp=self.xp)
         cp = self.xp
         dtype = np.dtype(spec.dtype)

@@ -109,6 +109,7 @@ except ImportError:  # pragma: no cover - exercised where numba is absent
 else:
     from . import blas as _blas
     from . import numba_kernels as _K
+    from . import numba_random as _R
 
 
 _MAX_WORKSPACES = 16  # (network, batch size) layouts kept warm
@@ -432,15 +433,17 @@ class NumbaBackend(Backend):
         return spec.n_layers == 2 and spec.n_params <= self.SMALL_NET_MAX_PARAMS
 
     def _small_kernel(self, spec: NetSpec):
-        """``shallow_epoch`` compiled for this one network's sizes and codes (compile-time
-        constants, which LLVM unrolls loops over; see _hidden_count), for nets of at most
-        ``SMALL_NET_MAX_PARAMS`` parameters; None where the generated module cannot be made."""
+        """``shallow_epoch_drawing`` compiled for this one network's sizes and codes
+        (compile-time constants, which LLVM unrolls loops over; see _hidden_count), for nets of
+        at most ``SMALL_NET_MAX_PARAMS`` parameters; None where the generated module cannot be
+        made. One kernel whether or not an epoch draws the next order (each is a cold compile)."""
         if not self._is_small(spec):
             return None
         key = (spec.sizes, spec.hidden, spec.output, spec.loss)
         if key not in self._small:
             self._small[key] = _load_small_kernel(spec.sizes, *self._spec(spec)[1:])
-        return self._small[key]
+        module = self._small[key]
+        return None if module is None else module.epoch
 
     def set_threads(self, n: int | None):
         """BLAS threads for this backend's GEMMs: ``n`` >= 1 fixed, or None for the automatic
@@ -678,12 +681,12 @@ class NumbaBackend(Backend):
             return True
         return batch_size * spec.n_params <= self.EPOCH_MAX_WORK
 
-    def epoch_releases_gil(self, spec: NetSpec, batch_size: int, strategy: str) -> bool:
-        # the small nets' per-example kernels (nogil: they use no shared workspace)
+    def draws_next_order(self, spec: NetSpec, batch_size: int, strategy: str) -> bool:
+        # the small nets' per-example kernels (numba_random.shuffle_step beside each example)
         return batch_size == 1 and self._is_small(spec)
 
     def train_epoch(self, spec: NetSpec, params, grads, X, Y, batch_size, rule, state, strategy, order=None,
-                    meanwhile=None):
+                    next_order=None):
         """One epoch over ``X, Y`` in one compiled call, each batch's gradient applied by
         ``rule`` (fused into the per-example pass at batch size 1). ``order``: the rows in the
         order to visit them (a permutation), read in place rather than copied shuffled first.
@@ -697,6 +700,8 @@ class NumbaBackend(Backend):
         self._check_fast_path(spec, params, grads, X, Y)
         self._check_update(spec, rule, params, grads, state)
         order = _visit_order(order, X.shape[0])
+        if next_order is not None:
+            _check_next_order(next_order, X.shape[0], self.draws_next_order(spec, batch_size, strategy))
         if not (X.flags.writeable and Y.flags.writeable):  # kernels are typed for writable arrays (a read-only
             X, Y = (X[order], Y[order]) if order.size else (X.copy(), Y.copy())  # one: another compile), so copy
             order = _IN_ORDER
@@ -706,15 +711,15 @@ class NumbaBackend(Backend):
         hp, step, buffers, dt = rule.hyper(), state.step, state.buffers, params.dtype
         if batch_size == 1:
             work = self._workspace(spec, 0, dt)
-            # a small one-hidden-layer net: its own kernel (shallow_epoch where none can be made);
+            # a small one-hidden-layer net: its own kernel (shallow_epoch_drawing where none can be made);
             # anything wider runs layer by layer, which measured faster there (784-128-10 SGD:
             # 5.8 against 7.0 us an example; Adam 24.6 against 26.8)
             small = self._small_kernel(spec)
             args = (sizes, hidden, output, loss, params, X, Y, order, hp, step, buffers, work)
             if self._is_small(spec):
-                if meanwhile is not None:  # the kernel releases the GIL (epoch_releases_gil)
-                    meanwhile()
-                total, done, correct = self._run("small_epoch" if small else "shallow_epoch", dt, *args, fn=small)
+                args += _NO_DRAW if next_order is None else tuple(next_order)
+                total, done, correct = self._run("small_epoch" if small else "shallow_epoch", dt, *args,
+                                                 fn=small or self._k.shallow_epoch_drawing)
             else:
                 span = 0 if spec.n_layers < 2 or spec.activation(0) == "softmax" else spec.sizes[0] * spec.sizes[1]
                 team = self.ready_team(self._threads.decide(), dt, "example", span)
@@ -807,6 +812,7 @@ class NumbaBackend(Backend):
 
 
 _IN_ORDER = np.empty(0, np.int64)  # the compiled epochs' "no order given": rows as they are
+_NO_DRAW = (np.empty(0, np.int64), np.empty(0, np.uint64), np.empty(0, np.uint64))  # the small kernels' "draw none"
 
 
 def _visit_order(order, n: int) -> np.ndarray:
@@ -820,6 +826,23 @@ def _visit_order(order, n: int) -> np.ndarray:
         raise ValueError(f"order must list the {n} rows to visit (integers in [0, {n})). Received: "
                          f"shape {order.shape}, dtype {order.dtype}")
     return order.astype(np.int64, copy=False)
+
+
+def _check_next_order(next_order, n: int, drawable: bool) -> None:
+    """``train_epoch``'s ``next_order``: ``(out, state_in, state_out)``, int64 (n,) and two
+    uint64 (5,), C-contiguous and writable (the kernel writes them without bounds checks)."""
+    ok = drawable and isinstance(next_order, tuple) and len(next_order) == 3
+    if ok:
+        out, state_in, state_out = next_order
+        ok = (_c(out, state_in, state_out) and out.dtype == np.int64 and out.shape == (n,)
+              and state_in.dtype == state_out.dtype == np.uint64 and state_in.shape == state_out.shape == (5,)
+              and out.flags.writeable and state_out.flags.writeable and state_out is not state_in)
+    if not ok:
+        shapes = [(getattr(a, "shape", None), str(getattr(a, "dtype", type(a).__name__)))
+                  for a in (next_order if isinstance(next_order, tuple) else (next_order,))]
+        raise ValueError(f"next_order must be (out, state_in, state_out): C-contiguous writable int64 ({n},) and "
+                         f"two distinct uint64 (5,), and only where draws_next_order holds ({drawable}). "
+                         f"Received: {shapes}")
 
 
 def _c(*arrays) -> bool:
@@ -925,11 +948,11 @@ def _say(message: str) -> None:
     sys.stderr.flush()
 
 
-_SMALL_SOURCE = '''"""Generated by fastbp.kernels.numba: shallow_epoch for one network, {sizes} with codes
+_SMALL_SOURCE = '''"""Generated by fastbp.kernels.numba: shallow_epoch_drawing for one network, {sizes} with codes
 hidden={hidden} output={output} loss={loss}, as compile-time constants (the hidden count too when
 it is small, see _hidden_count). Safe to delete.
-sha256 of numba_kernels.py and this template {digest} (Numba's cache does not see changes to
-inlined code, so the file name and text carry it: an edit to either means a new file)."""
+sha256 of numba_kernels.py, numba_random.py and this template {digest} (Numba's cache does not
+see changes to inlined code, so the file name and text carry it: an edit to any means a new file)."""
 from numba import njit
 
 from fastbp.kernels.numba_kernels import _DOT_MATH, shallow_body
@@ -938,8 +961,9 @@ N_IN, N_OUT, HIDDEN, OUTPUT, LOSS = {n_in}, {n_out}, {hidden}, {output}, {loss}
 
 
 @njit(cache=True, error_model="numpy", fastmath=_DOT_MATH, nogil=True)
-def epoch(sizes, hidden, output, loss, P, X, Y, order, hp, step, S, work):
-    return shallow_body(N_IN, {hidden_count}, N_OUT, HIDDEN, OUTPUT, LOSS, P, X, Y, order, hp, step, S, work)
+def epoch(sizes, hidden, output, loss, P, X, Y, order, hp, step, S, work, next_order, state_in, state_out):
+    return shallow_body(N_IN, {hidden_count}, N_OUT, HIDDEN, OUTPUT, LOSS, P, X, Y, order, hp, step, S, work,
+                        next_order, state_in, state_out)
 '''
 
 
@@ -974,15 +998,15 @@ def _hidden_count(n_hidden: int) -> str:
 
 
 def _load_small_kernel(sizes, hidden: int, output: int, loss: int):
-    """Write (once) and import the generated module for one small network; its ``epoch``."""
+    """Write (once) and import the generated module for one small network (its ``epoch``)."""
     global _DIGEST
     import hashlib
     import importlib.util
 
     try:
-        if _DIGEST is None:  # the kernels and the template: a change to either means a new module
-            with open(_K.__file__, "rb") as f:
-                _DIGEST = hashlib.sha256(f.read() + _SMALL_SOURCE.encode()).hexdigest()
+        if _DIGEST is None:  # the kernels and the template: a change to any means a new module
+            with open(_K.__file__, "rb") as f, open(_R.__file__, "rb") as g:
+                _DIGEST = hashlib.sha256(f.read() + g.read() + _SMALL_SOURCE.encode()).hexdigest()
         folder = _generated_dir()
         if folder is None:
             return None
@@ -1002,7 +1026,7 @@ def _load_small_kernel(sizes, hidden: int, output: int, loss: int):
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # Numba's cache finds the function's module again by this name
         spec.loader.exec_module(module)
-        return module.epoch
+        return module
     except Exception:  # read-only everywhere, odd file systems: the shared shallow_epoch serves
         return None
 

@@ -51,6 +51,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import blas as _blas
+from .numba_random import shuffle_step
 from .base import (ACT_CODE, HP_BETA1, HP_BETA2, HP_EPS, HP_KIND, HP_L2, HP_LR, HP_MOMENTUM, HP_NESTEROV,
                    HP_WEIGHT_DECAY, LEAKY_SLOPE, LOSS_CODE, RULE_CODE)
 
@@ -1443,8 +1444,17 @@ def shallow_epoch(sizes, hidden, output, loss, P, X, Y, order, hp, step, S, work
     dot product, bias and activation, the output layer, the hidden deltas and the two layers'
     updates, with no per-layer calls between them (what made a 2-8-1 step cost hundreds of ns
     instead of tens). Same results as ``examples_epoch`` (``work`` is not needed). Without the
-    GIL: it uses no shared buffer (``NumbaBackend.epoch_releases_gil``)."""
-    return shallow_body(sizes[0], sizes[1], sizes[2], hidden, output, loss, P, X, Y, order, hp, step, S, work)
+    GIL: it uses no shared buffer."""
+    return shallow_body(sizes[0], sizes[1], sizes[2], hidden, output, loss, P, X, Y, order, hp, step, S, work,
+                        np.empty(0, np.int64), np.empty(0, np.uint64), np.empty(0, np.uint64))
+
+
+@njit(cache=True, error_model="numpy", fastmath=_DOT_MATH, nogil=True)
+def shallow_epoch_drawing(sizes, hidden, output, loss, P, X, Y, order, hp, step, S, work, next_order, state_in,
+                          state_out):
+    """``shallow_epoch`` that also draws the next epoch's order (``shallow_body``)."""
+    return shallow_body(sizes[0], sizes[1], sizes[2], hidden, output, loss, P, X, Y, order, hp, step, S, work,
+                        next_order, state_in, state_out)
 
 
 @njit(cache=True, error_model="numpy", fastmath=False, inline="always")
@@ -1483,12 +1493,14 @@ def _dot_split(P, lo, a, n, zero):
 
 
 @njit(cache=True, error_model="numpy", fastmath=_DOT_MATH, inline="always")
-def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step, S, G, zh, ah, dh, zo, ao, do):
+def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step, S, G, zh, ah, dh, zo, ao, do, nxt,
+                  R):
     """``shallow_epoch``'s loop on hidden-major ``P`` and ``S`` (``_relayout``), inlined
     where it is called: with the input and output sizes and the codes as compile-time constants
     (the generated modules, kernels/numba.py) LLVM unrolls the loops over them. ``G``: room for a stateful
     rule's gradient; ``zh``, ``ah``, ``dh`` and ``zo``, ``ao``, ``do``: the hidden and the output
-    units' z, a and delta."""
+    units' z, a and delta; ``nxt``: where to draw the next epoch's order (none: size 0) from
+    the PCG64 state ``R`` (numba_random), one Fisher-Yates step per example."""
     n_in, H, n_out = _U(n_in), _U(H), _U(n_out)
     w1, b1 = _U(0), H * n_in  # W1[k, j] at w1 + k H + j
     w2 = b1 + H
@@ -1507,8 +1519,12 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step
     total = 0.0
     correct = 0
     shuffled = order.size > 0
+    drawing = nxt.size > 0
+    last = X.shape[0] - 1
     for s in range(X.shape[0]):
         row = order[s] if shuffled else s
+        if drawing and s < last:  # its integer chain runs beside the example's floating-point one
+            shuffle_step(R, nxt, last - s)
         for j in range(H):
             zh[j] = zero
         for k in range(n_in):
@@ -1593,10 +1609,12 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step
 
 
 @njit(cache=True, error_model="numpy", fastmath=_DOT_MATH, inline="always")
-def shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step, S, work):
+def shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step, S, work, nxt, state_in, state_out):
     """``_shallow_body`` on hidden-major copies of ``P`` and ``S``, written back after (also
     when it stops early), with denormals flushed (``flush_denormals``); inlined where it is
-    called. The copies, the gradient and the units' buffers are this call's own arrays."""
+    called. The copies, the gradient and the units' buffers are this call's own arrays. With
+    ``nxt`` not empty it also draws ``Generator.permutation(n)`` into it from PCG64 state
+    ``state_in``, and writes the state after into ``state_out`` when the epoch ran to its end."""
     Pl, Sl = np.empty_like(P), np.empty_like(S)
     _relayout(P, Pl, n_in, H, True)
     for b in range(S.shape[0]):
@@ -1605,15 +1623,22 @@ def shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step,
     G = np.empty(0 if plain else P.size, P.dtype)
     zh, ah, dh = np.empty(H, P.dtype), np.empty(H, P.dtype), np.empty(H, P.dtype)
     zo, ao, do = np.empty(n_out, P.dtype), np.empty(n_out, P.dtype), np.empty(n_out, P.dtype)
+    R = state_in.copy()
+    for k in range(nxt.size):
+        nxt[k] = k
     old = flush_denormals()
     out = _shallow_body(n_in, H, n_out, hidden, output, loss, _borrowed(Pl), _borrowed(X), _borrowed(Y),
                         _borrowed(order), _borrowed(hp), _borrowed(step), _borrowed(Sl), _borrowed(G), _borrowed(zh),
-                        _borrowed(ah), _borrowed(dh), _borrowed(zo), _borrowed(ao), _borrowed(do))
+                        _borrowed(ah), _borrowed(dh), _borrowed(zo), _borrowed(ao), _borrowed(do), _borrowed(nxt),
+                        _borrowed(R))
     restore_denormals(old)
+    if nxt.size > 0 and out[1] == X.shape[0]:
+        state_out[:] = R
     _relayout(Pl, P, n_in, H, False)
     for b in range(S.shape[0]):
         _relayout(Sl[b], S[b], n_in, H, False)
     _alive(G)
+    _alive(R)
     for kept in (zh, ah, dh, zo, ao, do):
         _alive(kept)
     return out

@@ -9,7 +9,7 @@ import pytest
 
 import fastbp as fb
 from fastbp.kernels.base import OptimizerState, UpdateRule
-from fastbp.training import _NextOrder, _Trainer
+from fastbp.training import _Trainer
 from conftest import make_data
 from reference import sgd_trajectory
 
@@ -275,19 +275,20 @@ def _per_example_fit(net, X, Y, seed, **kwargs):
 
 
 @pytest.mark.parametrize("diverge", [False, True])
-def test_the_next_shuffle_drawn_ahead_keeps_the_stream_and_the_result(monkeypatch, diverge):
-    """Where the backend's epoch releases the GIL (a small net per example on Numba), fit draws
-    the next epoch's permutation while the current one trains: the same trajectory and the
-    generator left where drawing in turn leaves it, also when an epoch diverges."""
+def test_the_next_shuffle_drawn_by_the_kernel_keeps_the_stream_and_the_result(monkeypatch, diverge):
+    """Where the backend's epoch draws the next order (a small net per example on Numba), fit
+    trains on the orders NumPy's permutation would draw and leaves the generator where drawing
+    them in turn leaves it, also when an epoch diverges."""
     pytest.importorskip("numba")
     X, Y = make_data(200, 2, 1, "mse", seed=3)
     if diverge:
         X = X * 1e3
     runs = []
     with fb.use_backend("numba") as be:
-        for ahead in (True, False):
-            monkeypatch.setattr(type(be), "epoch_releases_gil", lambda self, *a, ahead=ahead: ahead)
+        for drawing in (True, False):
+            monkeypatch.setattr(type(be), "draws_next_order", lambda self, *a, drawing=drawing: drawing)
             net = fb.MLP([2, 6, 1], activation="tanh", loss="mse", dtype="float64", seed=0)
+            net._rng.integers(0, 10, dtype=np.uint32)  # a buffered half-draw in the state
             if diverge:
                 with pytest.raises(fb.TrainingDivergedError):
                     net.fit(X, Y, epochs=4, batch_size=1, lr=5.0, progress=False, seed=None)
@@ -298,53 +299,50 @@ def test_the_next_shuffle_drawn_ahead_keeps_the_stream_and_the_result(monkeypatc
     assert runs[0][1] == runs[1][1]
 
 
-def test_a_draw_ahead_not_used_is_undone_when_an_epoch_raises(monkeypatch):
+def test_a_kernel_draw_not_used_is_undone_when_an_epoch_raises(monkeypatch):
     pytest.importorskip("numba")
     X, Y = make_data(50, 2, 1, "mse", seed=4)
     calls = []
     real = _Trainer._epoch
 
-    def failing(self, order, rule, upcoming=None):
-        calls.append(order)
+    def failing(self, order, rule, next_order=None):
+        out = real(self, order, rule, next_order)
+        calls.append(next_order is not None)
         if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(self, order, rule, upcoming)
+            raise KeyboardInterrupt  # after the kernel drew the third epoch's order
+        return out
 
     with fb.use_backend("numba") as be:
-        assert be.epoch_releases_gil(fb.MLP([2, 6, 1], dtype="float64").spec, 1, "vectorized")
+        assert be.draws_next_order(fb.MLP([2, 6, 1], dtype="float64").spec, 1, "vectorized")
         net = fb.MLP([2, 6, 1], activation="tanh", loss="mse", dtype="float64", seed=0)
         expected = np.random.default_rng(0)
         net._rng = np.random.default_rng(0)
         monkeypatch.setattr(_Trainer, "_epoch", failing)
         with pytest.raises(KeyboardInterrupt):
             net.fit(X, Y, epochs=5, batch_size=1, lr=0.05, progress=False)
+    assert calls == [True, True]
     expected.permutation(50), expected.permutation(50)  # the two epochs begun; the third's draw undone
     assert net._rng.bit_generator.state == expected.bit_generator.state
 
 
-def test_fit_draws_inline_when_no_thread_can_be_started(monkeypatch):
-    """A helper thread refused (a thread limit, interpreter shutdown) leaves fit working: the
-    next permutation is drawn in turn, with the same result as a fit that never asked."""
+def test_fit_draws_with_numpy_for_a_generator_that_is_not_pcg64(monkeypatch):
     pytest.importorskip("numba")
-    X, Y = make_data(120, 2, 1, "mse", seed=5)
-    results = []
+    X, Y = make_data(80, 2, 1, "mse", seed=5)
+    runs = []
     with fb.use_backend("numba") as be:
-        for refuse in (False, True):
-            if refuse:
-                def no_thread(cls):
-                    raise RuntimeError("can't start new thread")
-                monkeypatch.setattr(_NextOrder, "_executor", classmethod(no_thread))
+        for drawing in (True, False):
+            monkeypatch.setattr(type(be), "draws_next_order", lambda self, *a, drawing=drawing: drawing)
             net = fb.MLP([2, 6, 1], activation="tanh", loss="mse", dtype="float64", seed=0)
-            assert be.epoch_releases_gil(net.spec, 1, "vectorized")
-            _per_example_fit(net, X, Y, seed=7)
-            results.append((_params(net), net._rng.bit_generator.state))
-    np.testing.assert_array_equal(results[0][0], results[1][0])
-    assert results[0][1] == results[1][1]
+            net._rng = np.random.Generator(np.random.MT19937(11))
+            _per_example_fit(net, X, Y, seed=None)
+            runs.append((_params(net), net._rng.bit_generator.state["state"]["pos"]))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
 
 
-def test_fit_asks_no_draw_ahead_of_a_backend_whose_epoch_keeps_the_gil(monkeypatch):
-    """``meanwhile=`` reaches ``train_epoch`` only when a draw is pending: a Backend written
-    before that keyword (its train_epoch without it) still trains."""
+def test_fit_passes_no_next_order_to_a_backend_that_draws_none(monkeypatch):
+    """``next_order=`` reaches ``train_epoch`` only where ``draws_next_order`` holds: a Backend
+    written before that keyword (its train_epoch without it) still trains."""
     pytest.importorskip("numba")
     X, Y = make_data(60, 2, 1, "mse", seed=6)
     seen = []
@@ -356,10 +354,27 @@ def test_fit_asks_no_draw_ahead_of_a_backend_whose_epoch_keeps_the_gil(monkeypat
             return real(self, spec, params, grads, X, Y, batch_size, rule, state, strategy, order=order)
 
         monkeypatch.setattr(type(be), "train_epoch", old_signature)
-        monkeypatch.setattr(type(be), "epoch_releases_gil", lambda self, *a: False)
+        monkeypatch.setattr(type(be), "draws_next_order", lambda self, *a: False)
         net = fb.MLP([2, 6, 1], activation="tanh", loss="mse", dtype="float64", seed=0)
         _per_example_fit(net, X, Y, seed=1)
     assert seen == [True] * 4
+
+
+def test_train_epoch_refuses_a_next_order_it_cannot_draw():
+    pytest.importorskip("numba")
+    with fb.use_backend("numba") as be:
+        net = fb.MLP([2, 6, 1], activation="tanh", loss="mse", dtype="float64", seed=0)
+        X, Y = make_data(10, 2, 1, "mse", seed=7)
+        upd = UpdateRule("sgd", lr=0.01)
+        state = OptimizerState(np.zeros((upd.n_buffers, net.spec.n_params)))
+        before = net._params.copy()
+        good = (np.empty(10, np.int64), np.zeros(5, np.uint64), np.zeros(5, np.uint64))
+        for bad, batch in (((np.empty(9, np.int64),) + good[1:], 1), (good[:2] + (good[1],), 1),
+                           ((good[0].astype(np.int32),) + good[1:], 1), (good, 4), (list(good), 1)):
+            with pytest.raises(ValueError, match="next_order"):
+                be.train_epoch(net.spec, net._params, net._grads, X, Y, batch, upd, state, "vectorized",
+                               next_order=bad)
+        np.testing.assert_array_equal(net._params, before)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
