@@ -305,6 +305,8 @@ class _Trainer:
                         loss_sum, n_done, correct = data.train_epoch(net, self.stream, order, rule, opt.state,
                                                                      self.strategy, self.count, self.comm)
                     elif draw is not None:
+                        if epoch > 0:  # the order the last epoch's kernel drew is this one's: now in use
+                            draw.advance()
                         order = draw.order
                         loss_sum, n_done, correct = self._epoch(
                             order, rule, draw.next_order() if epoch + 1 < self.epochs else None)
@@ -324,8 +326,6 @@ class _Trainer:
                             f"training diverged: the loss became NaN or Inf in epoch {epoch + 1} ({opt!r}); "
                             f"parameters and optimizer state restored to those at the start of epoch "
                             f"{epoch + 1}. Try a smaller lr or standardised inputs.", history)
-                    if draw is not None and epoch + 1 < self.epochs:
-                        draw.advance()  # the order the kernel drew becomes the next epoch's
                     samples += self.n
                     logs = {"loss": epoch_loss}
                     if self.count:
@@ -367,7 +367,7 @@ class _Trainer:
             extra = {} if next_order is None else {"next_order": next_order}  # (a Backend of before takes none)
             return be.train_epoch(spec, net._params, net._grads, self.X, self.Y, self.batch, rule, st, self.strategy,
                                   order=order, **extra)
-        if next_order is not None:  # (not reached where draws_next_order holds) drawn here instead
+        if next_order is not None:  # a backend that draws, but not in this rule's epoch: drawn here
             from fastbp.kernels import numba_random
 
             out, state_in, state_out = next_order
@@ -399,22 +399,25 @@ class _KernelDraw:
     epoch's order while it trains (Fisher-Yates steps beside the training steps; drawn apart,
     the permutation was ~10% of a tiny net's epoch), from a copy of the generator's PCG64 state
     (kernels/numba_random.py: NumPy's ``permutation``, bit for bit). The generator itself is
-    written once, by ``close``: left where drawing each used order in turn leaves it. On
-    divergence ``before_state()`` is its state before the failed epoch's order was drawn."""
+    written once, by ``close``: left where drawing each used order in turn leaves it (a
+    generator shared with another fit at the same time loses that fit's draws). On divergence
+    ``before_state()`` is its state before the failed epoch's order was drawn."""
 
     def __init__(self, rng, n: int) -> None:
         from fastbp.kernels import numba_random
 
         self._random, self.rng = numba_random, rng
         self._before = numba_random.pcg64_state(rng)  # before the current order was drawn
-        self.order = rng.permutation(n)  # the first one as NumPy draws it
+        self.order = rng.permutation(n).astype(np.int64, copy=False)  # the first as NumPy draws it (int32 on some)
         self.committed = numba_random.pcg64_state(rng)  # after it: the orders used so far
         self._next, self._drawn = np.empty(n, np.int64), np.empty_like(self.committed)
 
     @classmethod
     def of(cls, rng, n: int):
         """None where ``rng`` is not a PCG64 generator (fit then draws with NumPy as before)."""
-        return cls(rng, n) if type(getattr(rng, "bit_generator", None)) is np.random.PCG64 else None
+        from fastbp.kernels import numba_random
+
+        return None if numba_random.pcg64_state(rng) is None else cls(rng, n)
 
     def next_order(self):
         """``(out, state_in, state_out)`` for the kernel: the next order into ``out``, drawn from
@@ -422,7 +425,8 @@ class _KernelDraw:
         return self._next, self.committed, self._drawn
 
     def advance(self) -> None:
-        """The epoch finished: the order its kernel drew is the next epoch's."""
+        """The next epoch begins: the order the last one's kernel drew is now in use (not
+        sooner: an exception between epochs must leave that draw undone)."""
         self.order, self._next = self._next, self.order
         self._before, self.committed, self._drawn = self.committed, self._drawn, self._before
 

@@ -777,7 +777,7 @@ class NumbaBackend(Backend):
         Y = np.zeros((n, 2), dt)
         Y[:, 0] = 1
         # per example: examples_epoch (two hidden layers); a small one-hidden-layer net's own
-        # kernel (or shallow_epoch, where none can be made) compiles when first used
+        # kernel (or shallow_epoch_drawing, where none can be made) compiles when first used
         for sizes, loss, output in (((3, 4, 5, 2), "cross_entropy", "softmax"), ((3, 4, 5, 2), "mse", "identity")):
             spec = NetSpec(sizes, "relu", output, loss, dt)
             params = (rng.standard_normal(spec.n_params) * 0.1).astype(dt)
@@ -1027,7 +1027,7 @@ def _load_small_kernel(sizes, hidden: int, output: int, loss: int):
         sys.modules[name] = module  # Numba's cache finds the function's module again by this name
         spec.loader.exec_module(module)
         return module
-    except Exception:  # read-only everywhere, odd file systems: the shared shallow_epoch serves
+    except Exception:  # read-only everywhere, odd file systems: the shared shallow_epoch_drawing serves
         return None
 
 

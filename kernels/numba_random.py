@@ -56,7 +56,8 @@ def _pcg64_next(typingctx, s_hi, s_lo, i_hi, i_lo):
 
 @njit(cache=True, fastmath=False, inline="always")
 def random_interval(rs, top):
-    """NumPy's ``random_interval(bitgen, top)``: uniform on [0, top] from PCG64 state ``rs``
+    """NumPy's ``random_interval(bitgen, top)`` for ``top >= 1`` (NumPy returns 0 for 0
+    without drawing; Fisher-Yates never asks): uniform on [0, top] from PCG64 state ``rs``
     (advanced in place)."""
     top = np.uint64(top)
     mask = top

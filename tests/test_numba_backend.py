@@ -808,7 +808,7 @@ def test_epochs_flush_denormals_inside_and_restore_the_caller_s_mode():
 
 
 def test_per_example_paths_by_network():
-    """Small one-hidden-layer nets: their own kernel, or shallow_epoch where none can be made;
+    """Small one-hidden-layer nets: their own kernel, or shallow_epoch_drawing where none can be made;
     everything else layer by layer (examples_epoch)."""
     import fastbp.kernels.numba as module
 

@@ -325,6 +325,52 @@ def test_a_kernel_draw_not_used_is_undone_when_an_epoch_raises(monkeypatch):
     assert net._rng.bit_generator.state == expected.bit_generator.state
 
 
+def test_a_kernel_draw_is_undone_when_fit_raises_between_epochs():
+    """The kernel of epoch 2 drew epoch 3's order; a schedule that raises after epoch 2 ends the
+    fit before epoch 3 uses it: the generator is where two draws in turn leave it."""
+    pytest.importorskip("numba")
+
+    class Failing(fb.optim.Schedule):
+        def next_lr(self, epoch, logs):
+            if epoch == 1:
+                raise RuntimeError("schedule failed")
+            return self.base_lr
+
+    X, Y = make_data(50, 2, 1, "mse", seed=8)
+    with fb.use_backend("numba") as be:
+        net = fb.MLP([2, 6, 1], activation="tanh", loss="mse", dtype="float64", seed=0)
+        assert be.draws_next_order(net.spec, 1, "vectorized")
+        net._rng = np.random.default_rng(3)
+        with pytest.raises(RuntimeError, match="schedule failed"):
+            net.fit(X, Y, epochs=5, batch_size=1, lr=0.05, progress=False, schedule=Failing())
+    expected = np.random.default_rng(3)
+    expected.permutation(50), expected.permutation(50)
+    assert net._rng.bit_generator.state == expected.bit_generator.state
+
+
+def test_a_later_epoch_s_divergence_rolls_the_kernel_s_draws_back(monkeypatch):
+    """Divergence in epoch 3 (a schedule raises the rate after epoch 2): the same parameters
+    and generator state whether the kernel or NumPy drew the orders."""
+    pytest.importorskip("numba")
+
+    class Jump(fb.optim.Schedule):
+        def next_lr(self, epoch, logs):
+            return self.base_lr if epoch == 0 else 1e6
+
+    X, Y = make_data(60, 2, 1, "mse", seed=9)
+    runs = []
+    with fb.use_backend("numba") as be:
+        for drawing in (True, False):
+            monkeypatch.setattr(type(be), "draws_next_order", lambda self, *a, drawing=drawing: drawing)
+            net = fb.MLP([2, 6, 1], activation="tanh", loss="mse", dtype="float64", seed=0)
+            with pytest.raises(fb.TrainingDivergedError) as err:
+                net.fit(X * 100, Y, epochs=5, batch_size=1, lr=0.01, progress=False, schedule=Jump())
+            assert "epoch 1" not in str(err.value) and "epoch 2" not in str(err.value)
+            runs.append((_params(net), net._rng.bit_generator.state))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+
+
 def test_fit_draws_with_numpy_for_a_generator_that_is_not_pcg64(monkeypatch):
     pytest.importorskip("numba")
     X, Y = make_data(80, 2, 1, "mse", seed=5)
