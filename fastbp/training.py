@@ -403,11 +403,11 @@ class _KernelDraw:
     generator shared with another fit at the same time loses that fit's draws). On divergence
     ``before_state()`` is its state before the failed epoch's order was drawn."""
 
-    def __init__(self, rng, n: int) -> None:
+    def __init__(self, rng, state: np.ndarray, n: int) -> None:
         from fastbp.kernels import numba_random
 
         self._random, self.rng = numba_random, rng
-        self._before = numba_random.pcg64_state(rng)  # before the current order was drawn
+        self._before = state  # rng's, before the current order was drawn
         self.order = rng.permutation(n).astype(np.int64, copy=False)  # the first as NumPy draws it (int32 on some)
         self.committed = numba_random.pcg64_state(rng)  # after it: the orders used so far
         self._next, self._drawn = np.empty(n, np.int64), np.empty_like(self.committed)
@@ -417,7 +417,8 @@ class _KernelDraw:
         """None where ``rng`` is not a PCG64 generator (fit then draws with NumPy as before)."""
         from fastbp.kernels import numba_random
 
-        return None if numba_random.pcg64_state(rng) is None else cls(rng, n)
+        state = numba_random.pcg64_state(rng)
+        return None if state is None else cls(rng, state, n)
 
     def next_order(self):
         """``(out, state_in, state_out)`` for the kernel: the next order into ``out``, drawn from

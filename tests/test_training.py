@@ -274,29 +274,40 @@ def _per_example_fit(net, X, Y, seed, **kwargs):
     return net.fit(X, Y, epochs=4, batch_size=1, lr=0.05, seed=seed, progress=False, **kwargs)
 
 
+def _same_with_and_without_kernel_draws(monkeypatch, fit, state_of=lambda rng: rng.bit_generator.state):
+    """``fit(be)`` (returns the fitted net) with the backend drawing the next orders in its
+    kernel and with NumPy drawing them: the same parameters and generator state."""
+    pytest.importorskip("numba")
+    runs = []
+    with fb.use_backend("numba") as be:
+        for drawing in (True, False):
+            monkeypatch.setattr(type(be), "draws_next_order", lambda self, *a, drawing=drawing: drawing)
+            net = fit(be)
+            runs.append((_params(net), state_of(net._rng)))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+
+
 @pytest.mark.parametrize("diverge", [False, True])
 def test_the_next_shuffle_drawn_by_the_kernel_keeps_the_stream_and_the_result(monkeypatch, diverge):
     """Where the backend's epoch draws the next order (a small net per example on Numba), fit
     trains on the orders NumPy's permutation would draw and leaves the generator where drawing
     them in turn leaves it, also when an epoch diverges."""
-    pytest.importorskip("numba")
     X, Y = make_data(200, 2, 1, "mse", seed=3)
     if diverge:
         X = X * 1e3
-    runs = []
-    with fb.use_backend("numba") as be:
-        for drawing in (True, False):
-            monkeypatch.setattr(type(be), "draws_next_order", lambda self, *a, drawing=drawing: drawing)
-            net = fb.MLP([2, 6, 1], activation="tanh", loss="mse", dtype="float64", seed=0)
-            net._rng.integers(0, 10, dtype=np.uint32)  # a buffered half-draw in the state
-            if diverge:
-                with pytest.raises(fb.TrainingDivergedError):
-                    net.fit(X, Y, epochs=4, batch_size=1, lr=5.0, progress=False, seed=None)
-            else:
-                _per_example_fit(net, X, Y, seed=None)
-            runs.append((_params(net), net._rng.bit_generator.state))
-    np.testing.assert_array_equal(runs[0][0], runs[1][0])
-    assert runs[0][1] == runs[1][1]
+
+    def fit(be):
+        net = fb.MLP([2, 6, 1], activation="tanh", loss="mse", dtype="float64", seed=0)
+        net._rng.integers(0, 10, dtype=np.uint32)  # a buffered half-draw in the state
+        if diverge:
+            with pytest.raises(fb.TrainingDivergedError):
+                net.fit(X, Y, epochs=4, batch_size=1, lr=5.0, progress=False, seed=None)
+        else:
+            _per_example_fit(net, X, Y, seed=None)
+        return net
+
+    _same_with_and_without_kernel_draws(monkeypatch, fit)
 
 
 def test_a_kernel_draw_not_used_is_undone_when_an_epoch_raises(monkeypatch):
@@ -351,39 +362,47 @@ def test_a_kernel_draw_is_undone_when_fit_raises_between_epochs():
 def test_a_later_epoch_s_divergence_rolls_the_kernel_s_draws_back(monkeypatch):
     """Divergence in epoch 3 (a schedule raises the rate after epoch 2): the same parameters
     and generator state whether the kernel or NumPy drew the orders."""
-    pytest.importorskip("numba")
 
     class Jump(fb.optim.Schedule):
         def next_lr(self, epoch, logs):
             return self.base_lr if epoch == 0 else 1e6
 
     X, Y = make_data(60, 2, 1, "mse", seed=9)
-    runs = []
-    with fb.use_backend("numba") as be:
-        for drawing in (True, False):
-            monkeypatch.setattr(type(be), "draws_next_order", lambda self, *a, drawing=drawing: drawing)
-            net = fb.MLP([2, 6, 1], activation="tanh", loss="mse", dtype="float64", seed=0)
-            with pytest.raises(fb.TrainingDivergedError) as err:
-                net.fit(X * 100, Y, epochs=5, batch_size=1, lr=0.01, progress=False, schedule=Jump())
-            assert "epoch 1" not in str(err.value) and "epoch 2" not in str(err.value)
-            runs.append((_params(net), net._rng.bit_generator.state))
-    np.testing.assert_array_equal(runs[0][0], runs[1][0])
-    assert runs[0][1] == runs[1][1]
+
+    def fit(be):
+        net = fb.MLP([2, 6, 1], activation="tanh", loss="mse", dtype="float64", seed=0)
+        with pytest.raises(fb.TrainingDivergedError) as err:
+            net.fit(X * 100, Y, epochs=5, batch_size=1, lr=0.01, progress=False, schedule=Jump())
+        assert "epoch 1" not in str(err.value) and "epoch 2" not in str(err.value)
+        return net
+
+    _same_with_and_without_kernel_draws(monkeypatch, fit)
 
 
 def test_fit_draws_with_numpy_for_a_generator_that_is_not_pcg64(monkeypatch):
-    pytest.importorskip("numba")
     X, Y = make_data(80, 2, 1, "mse", seed=5)
-    runs = []
-    with fb.use_backend("numba") as be:
-        for drawing in (True, False):
-            monkeypatch.setattr(type(be), "draws_next_order", lambda self, *a, drawing=drawing: drawing)
-            net = fb.MLP([2, 6, 1], activation="tanh", loss="mse", dtype="float64", seed=0)
-            net._rng = np.random.Generator(np.random.MT19937(11))
-            _per_example_fit(net, X, Y, seed=None)
-            runs.append((_params(net), net._rng.bit_generator.state["state"]["pos"]))
-    np.testing.assert_array_equal(runs[0][0], runs[1][0])
-    assert runs[0][1] == runs[1][1]
+
+    def fit(be):
+        net = fb.MLP([2, 6, 1], activation="tanh", loss="mse", dtype="float64", seed=0)
+        net._rng = np.random.Generator(np.random.MT19937(11))
+        _per_example_fit(net, X, Y, seed=None)
+        return net
+
+    _same_with_and_without_kernel_draws(monkeypatch, fit, state_of=lambda rng: rng.bit_generator.state["state"]["pos"])
+
+
+def test_fit_draws_the_next_order_itself_where_the_epoch_is_not_compiled(monkeypatch):
+    """A backend that draws, but runs this rule's epoch batch by batch: fit draws the order
+    the kernel would have (numba_random.permutation_into), with the same result."""
+    X, Y = make_data(70, 2, 1, "mse", seed=10)
+
+    def fit(be):
+        monkeypatch.setattr(type(be), "supports_epoch", lambda self, *a: False)
+        net = fb.MLP([2, 6, 1], activation="tanh", loss="mse", dtype="float64", seed=0)
+        _per_example_fit(net, X, Y, seed=2)
+        return net
+
+    _same_with_and_without_kernel_draws(monkeypatch, fit)
 
 
 def test_fit_passes_no_next_order_to_a_backend_that_draws_none(monkeypatch):
