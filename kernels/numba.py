@@ -275,6 +275,13 @@ class NumbaBackend(Backend):
     # whatever the width: 784-128-10 batch 2 / 4 / 6: 37k / 73k / 87k samples/s with BLAS,
     # 81k / 101k / 119k with hand loops; batch 8 is a tie and from 12 rows on BLAS wins.
     HAND_MAX_ROWS = 6
+    # ... and a first layer whose batch product is at most FIRST_TRANSPOSED_MAX multiply-adds is
+    # held transposed for the epoch (numba_kernels.FIRST_TRANSPOSED): OpenBLAS's small-matrix
+    # kernel for ``X @ W.T`` runs at about half the rate of its ``X @ Wt``, and the first
+    # layer forms no input delta, the one product the transposed layout slows (first layer
+    # forward + weight gradient 0.67-0.96x the time up to 1M multiply-adds, even from 2M on;
+    # benchmarks/results/batch-step-ab-*.json, benchmarks/batch_step_ab.py).
+    FIRST_TRANSPOSED_MAX = 1 << 20
     # ... and batch_size * n_params above which the model's per-batch path runs instead of a
     # compiled epoch: the compiled epoch saved 18 us per batch on 64-64-10 (14 vs 33 us) but
     # was within noise of the per-batch path from ~1e8 on (784-512-512-10 batch 128: 1.9 ms
@@ -505,7 +512,7 @@ class NumbaBackend(Backend):
             "cpu_name": _host_cpu_name(),
             "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
             "thresholds": {"FORWARD_BLAS_MIN": self.FORWARD_BLAS_MIN, "BACKWARD_BLAS_MIN": self.BACKWARD_BLAS_MIN,
-                           "HAND_MAX_ROWS": self.HAND_MAX_ROWS,
+                           "HAND_MAX_ROWS": self.HAND_MAX_ROWS, "FIRST_TRANSPOSED_MAX": self.FIRST_TRANSPOSED_MAX,
                            "EPOCH_MAX_WORK": self.EPOCH_MAX_WORK, "SMALL_GEMM_MAX": self.SMALL_GEMM_MAX},
         }
 
@@ -733,14 +740,16 @@ class NumbaBackend(Backend):
         else:
             work = self._workspace(spec, batch_size, dt)
             if batch_size <= self.HAND_MAX_ROWS:  # a few rows: every product a hand loop
-                plan = np.full(2, np.iinfo(np.int64).max, np.int64)
+                mins, transposed = (np.iinfo(np.int64).max, np.iinfo(np.int64).max), False
             else:
-                plan = np.array([self.FORWARD_BLAS_MIN, self.BACKWARD_BLAS_MIN], np.int64)
+                first = batch_size * spec.sizes[0] * spec.sizes[1]
+                mins = (self.FORWARD_BLAS_MIN, self.BACKWARD_BLAS_MIN)
+                transposed = self.FORWARD_BLAS_MIN <= first <= self.FIRST_TRANSPOSED_MAX
             widest = _widest_layer(spec)
             threads = self._threads.decide()
             if batch_size * widest < self.SMALL_GEMM_MAX and self._threads.fixed is None:
                 threads = 1  # short GEMMs: a second thread costs more than it saves
-            plan = np.concatenate([plan, self.ready_team(threads, dt, "update", widest)])
+            plan = self._k.batch_plan(*mins, transposed, self.ready_team(threads, dt, "update", widest))
             previous = self._threads.run_with(threads)
             try:
                 total, done, correct = self._run("batch_epoch", dt, sizes, hidden, output, loss, params, grads, X,

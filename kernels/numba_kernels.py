@@ -548,10 +548,62 @@ def output_rows(loss, code, Z, A, D, Y, n, scale):
     increfs and decrefs each of them (an atomic read-modify-write apiece; measured in
     benchmarks/results/refcount-profile-20261202.json)."""
     k = Y.shape[1]
+    if loss == CROSS_ENTROPY and code == SOFTMAX:
+        return _softmax_rows(Z, A, D, Y, n, k, scale)
     total = 0.0
     for r in range(n):
         total += output_layer(loss, code, Z, A, D, r * k, k, Y, r, scale)
     return total
+
+
+@njit(cache=True, error_model="numpy", fastmath=False)
+def _softmax_rows(Z, A, D, Y, n, k, scale):
+    """``output_layer``'s softmax + cross-entropy for ``n`` rows, rounding alike (each row's max,
+    sum and cost in the same order), but laid out for SIMD: the exps in one flat loop over the
+    batch, the maxima and sums column by column across the rows, the logs in a loop of their
+    own. Row by row, each exp was a scalar call beside the sum's serial chain, most of a
+    64-64-10 batch-32 step's output time (benchmarks/results/batch-step-ab-*.json)."""
+    k, n = _U(k), _U(n)
+    buf = np.empty(4 * n, Z.dtype)
+    M, S, SY, LOG = buf[:n], buf[n:2 * n], buf[2 * n:3 * n], buf[3 * n:]
+    for r in range(n):
+        M[r] = Z[r * k]
+    for j in range(_U(1), k):
+        for r in range(n):
+            z = Z[r * k + j]
+            M[r] = z if z > M[r] else M[r]
+    for r in range(n):
+        for j in range(k):
+            A[r * k + j] = Z[r * k + j] - M[r]
+    for i in range(n * k):
+        A[i] = exp_nonpositive(A[i])
+    for r in range(n):
+        S[r] = 0
+        SY[r] = 0
+    for j in range(k):
+        for r in range(n):
+            S[r] += A[r * k + j]
+            SY[r] += Y[r, j]
+    for r in range(n):
+        s = S[r]
+        S[r] = type(s)(1.0) / s
+        LOG[r] = log_positive(s)
+    for r in range(n):
+        inv_s, sy = S[r], SY[r]
+        for j in range(k):
+            a = A[r * k + j] * inv_s
+            A[r * k + j] = a
+            D[r * k + j] = (a * sy - Y[r, j]) * scale
+    cost = 0.0
+    for r in range(n):
+        log_s, m = float(LOG[r]), M[r]
+        row_cost = 0.0  # summed per row, then into the total, as output_rows does
+        for j in range(k):
+            t = Y[r, j]
+            if t != 0:  # one-hot targets: one term per example
+                row_cost += float(t) * (log_s - float(Z[r * k + j] - m))
+        cost += row_cost
+    return cost
 
 
 # ============================================================ batch kernels (2-D, row-major)
@@ -1708,7 +1760,49 @@ def loop_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_si
 # forward_min and a backward one below backward_min is a hand loop (a BLAS call costs more
 # than the arithmetic there). Measured: OpenBLAS's small-matrix path wins from a few
 # thousand multiply-adds on, even against hand loops that skip ReLU's zero deltas.
-FORWARD_MIN, BACKWARD_MIN, TEAM = 0, 1, 2  # plan[TEAM:] is the update passes' team
+# plan[FIRST_TRANSPOSED] != 0: the first layer's weights (and their optimizer state) are held
+# transposed, (n_in, n_out), for the epoch, so its two products are ``X @ Wt`` and
+# ``Wt += -lr X^T D`` (no input delta is formed there); every product of that layer is then a
+# GEMM, whatever the rows. The NumbaBackend sets it where that layout's GEMMs are faster.
+FORWARD_MIN, BACKWARD_MIN, FIRST_TRANSPOSED, TEAM = 0, 1, 2, 3  # plan[TEAM:] is the update passes' team
+
+
+def batch_plan(forward_min, backward_min, first_transposed=False, team=None) -> np.ndarray:
+    """A mini-batch epoch's ``plan`` array, in the slot order above (``team``: the update
+    passes' team, none by default)."""
+    head = np.array([forward_min, backward_min, int(first_transposed)], np.int64)
+    return head if team is None else np.concatenate([head, np.asarray(team, np.int64)])
+
+
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
+def _first_transposed(plan):
+    return plan.size > FIRST_TRANSPOSED and plan[FIRST_TRANSPOSED] != 0
+
+
+@njit(cache=True, error_model="numpy", fastmath=False)
+def _transpose_block(a, lo, rows, cols, tmp):
+    """``a[lo:lo + rows*cols]``, a row-major (rows, cols) block, rewritten as its (cols, rows)
+    transpose in place (through ``tmp``, at least rows*cols long)."""
+    for i in range(rows * cols):
+        tmp[i] = a[lo + i]
+    for r in range(rows):
+        for c in range(cols):
+            a[lo + c * rows + r] = tmp[r * cols + c]
+
+
+@njit(cache=True, error_model="numpy", fastmath=False)
+def _transpose_first_layer(sizes, params, grads, state, to_transposed):
+    """The first layer's weights in ``params``, ``grads`` and each row of ``state`` between
+    (n_out, n_in) and (n_in, n_out) (``plan[FIRST_TRANSPOSED]``); the update rules are
+    elementwise, so the state needs only the same layout as the weights."""
+    n_in, n_out = sizes[0], sizes[1]
+    rows, cols = (n_out, n_in) if to_transposed else (n_in, n_out)
+    tmp = np.empty(n_in * n_out, params.dtype)
+    _transpose_block(params, 0, rows, cols, tmp)
+    if grads.size >= n_in * n_out:
+        _transpose_block(grads, 0, rows, cols, tmp)
+    for b in range(state.shape[0]):
+        _transpose_block(state[b], 0, rows, cols, tmp)
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
@@ -1758,13 +1852,14 @@ def gemm_loop(trans_a, trans_b, A, B, beta, C, reps):
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
-def _forward_product(A, P, wo, bo, W, Z, Anext, code, plan):
-    """``Z = A @ W.T + b`` and, unless ``code < 0``, ``Anext = phi(Z)`` in the same pass as the bias."""
+def _forward_product(A, P, wo, bo, W, Z, Anext, code, plan, transposed):
+    """``Z = A @ W.T + b`` (``transposed``: W is held as W.T, ``Z = A @ W + b``) and, unless
+    ``code < 0``, ``Anext = phi(Z)`` in the same pass as the bias."""
     n, n_in = A.shape
     n_out = Z.shape[1]
     Zf, Nf = Z.reshape(Z.size), Anext.reshape(Anext.size)
-    if n * n_in * n_out >= plan[FORWARD_MIN]:
-        gemm(False, True, type(Z[0, 0])(1.0), A, W, type(Z[0, 0])(0.0), Z)
+    if transposed or n * n_in * n_out >= plan[FORWARD_MIN]:
+        gemm(False, not transposed, type(Z[0, 0])(1.0), A, W, type(Z[0, 0])(0.0), Z)
         _bias_act(code, Zf, P, bo, Nf, n, n_out)
         return
     Af = A.reshape(A.size)
@@ -1797,10 +1892,11 @@ def _bias_act(code, Zf, P, bo, Af, n, k):
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
-def _weight_step(D, A, G, wo, bo, gW, plan, neg_lr):
+def _weight_step(D, A, G, wo, bo, gW, plan, neg_lr, transposed):
     """``dW = D^T @ A``, ``db = sum_rows D`` into the gradient buffer ``G`` (``gW`` its view of W)
     or, when ``neg_lr != 0`` (plain SGD), straight into the parameters ``G``: ``W += -lr D^T A``
-    in the GEMM itself (beta = 1) and ``b += -lr sum_rows D``."""
+    in the GEMM itself (beta = 1) and ``b += -lr sum_rows D``. ``transposed``: W is held as
+    W.T (``gW`` its (n_in, n_out) view), its gradient ``A^T @ D``."""
     n, n_out = D.shape
     n_in = A.shape[1]
     fused = neg_lr != 0
@@ -1808,13 +1904,13 @@ def _weight_step(D, A, G, wo, bo, gW, plan, neg_lr):
         for j in range(n_out):
             G[bo + j] = 0
     one = type(G[0])(1.0)
-    if n * n_in * n_out >= plan[BACKWARD_MIN]:
-        if fused:
-            gemm(True, False, neg_lr, D, A, one, gW)
-            bias_grad(D, G[bo:bo + n_out], neg_lr, np.bool_(True))
+    if transposed or n * n_in * n_out >= plan[BACKWARD_MIN]:
+        alpha, beta = (neg_lr, one) if fused else (one, type(G[0])(0.0))
+        if transposed:
+            gemm(True, False, alpha, A, D, beta, gW)
         else:
-            gemm(True, False, one, D, A, type(G[0])(0.0), gW)
-            bias_grad(D, G[bo:bo + n_out], one, np.bool_(True))
+            gemm(True, False, alpha, D, A, beta, gW)
+        bias_grad(D, G[bo:bo + n_out], alpha, np.bool_(True))
         return
     if not fused:
         gW[:] = 0
@@ -1848,9 +1944,11 @@ def batch_forward(sizes, hidden, output, loss, params, Xb, Yb, work, plan, w_off
     a_prev = Xb
     for l in range(n_layers):
         Z, A = _view(work, bases, sizes, n, 0, l), _view(work, bases, sizes, n, 1, l)
-        W = params[w_off[l]:b_off[l]].reshape((sizes[l + 1], sizes[l]))
+        transposed = l == 0 and _first_transposed(plan)
+        shape = (sizes[l], sizes[l + 1]) if transposed else (sizes[l + 1], sizes[l])
+        W = params[w_off[l]:b_off[l]].reshape(shape)
         # hidden layers: bias and activation in one pass; the output's activation comes with its loss
-        _forward_product(a_prev, params, w_off[l], b_off[l], W, Z, A, hidden if l < L else -1, plan)
+        _forward_product(a_prev, params, w_off[l], b_off[l], W, Z, A, hidden if l < L else -1, plan, transposed)
         a_prev = A
     D = _view(work, bases, sizes, n, 2, L)
     Zf = _view(work, bases, sizes, n, 0, L).reshape(n * sizes[L + 1])
@@ -1870,7 +1968,7 @@ def _velocity_pass(P, G, M, lo, hi, beta, keep, lr):
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
-def _momentum_step(D, A, P, G, M, wo, bo, plan, beta, keep, lr):
+def _momentum_step(D, A, P, G, M, wo, bo, plan, beta, keep, lr, transposed):
     """One layer's momentum step with the weight gradient formed in the GEMM that updates the
     velocity, ``M_W = beta M_W + D^T A`` (no gradient buffer written and read back for W), then
     ``p = p - m lr`` over W and b, storing ``M = m keep``.
@@ -1881,17 +1979,21 @@ def _momentum_step(D, A, P, G, M, wo, bo, plan, beta, keep, lr):
     ``beta`` = 1): the same products ``mom m`` rounded once, in the pass that reads m anyway.
     The first step of an epoch takes ``beta`` = mom, its last ``keep`` = 1, so the state between
     calls is the plain velocity. Products small enough for hand loops go the unfused way.
+    ``transposed``: W is held as W.T (``_weight_step``), its velocity too.
     BLAS worker threads may run without this thread's denormal flushing; the pass reads each
     velocity in a flushing thread (this one, or a team's part, which flushes itself), so a
     denormal m becomes 0, as in ``heavy_ball``."""
     n, n_out = D.shape
     n_in = A.shape[1]
     hi = bo + n_out
-    if n * n_in * n_out < plan[BACKWARD_MIN]:
-        _weight_step(D, A, G, wo, bo, G[wo:bo].reshape((n_out, n_in)), plan, type(lr)(0.0))
+    if not transposed and n * n_in * n_out < plan[BACKWARD_MIN]:
+        _weight_step(D, A, G, wo, bo, G[wo:bo].reshape((n_out, n_in)), plan, type(lr)(0.0), False)
         _velocity_pass(P, G, M, wo, hi, beta, keep, lr)
         return
-    gemm(True, False, type(lr)(1.0), D, A, beta, M[wo:bo].reshape((n_out, n_in)))
+    if transposed:
+        gemm(True, False, type(lr)(1.0), A, D, beta, M[wo:bo].reshape((n_in, n_out)))
+    else:
+        gemm(True, False, type(lr)(1.0), D, A, beta, M[wo:bo].reshape((n_out, n_in)))
     bias_grad(D, G[bo:hi], type(lr)(1.0), np.bool_(False))
     for j in range(_U(bo), _U(hi)):
         M[j] = M[j] * beta + G[j]
@@ -1916,16 +2018,18 @@ def batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, b
     for l in range(sizes.size - 2, -1, -1):
         D = _view(work, bases, sizes, n, 2, l)
         a_prev = Xb if l == 0 else _view(work, bases, sizes, n, 1, l - 1)
-        W = params[w_off[l]:b_off[l]].reshape((sizes[l + 1], sizes[l]))
+        transposed = l == 0 and _first_transposed(plan)  # no input delta there
+        shape = (sizes[l], sizes[l + 1]) if transposed else (sizes[l + 1], sizes[l])
         if l > 0:
             D_prev = _view(work, bases, sizes, n, 2, l - 1)
-            _input_delta(D, params, w_off[l], W, D_prev, plan)
+            _input_delta(D, params, w_off[l], params[w_off[l]:b_off[l]].reshape(shape), D_prev, plan)
             activation_backward(hidden, _view(work, bases, sizes, n, 0, l - 1), a_prev, D_prev)
         if beta != 0:
-            _momentum_step(D, a_prev, params, grads, M, w_off[l], b_off[l], plan, beta, keep, lr)
+            _momentum_step(D, a_prev, params, grads, M, w_off[l], b_off[l], plan, beta, keep, lr, transposed)
             continue
         target = params if neg_lr != 0 else grads
-        _weight_step(D, a_prev, target, w_off[l], b_off[l], target[w_off[l]:b_off[l]].reshape(W.shape), plan, neg_lr)
+        _weight_step(D, a_prev, target, w_off[l], b_off[l], target[w_off[l]:b_off[l]].reshape(shape), plan, neg_lr,
+                     transposed)
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
@@ -2001,9 +2105,14 @@ def batch_epoch(sizes, hidden, output, loss, params, grads, X, Y, order, batch_s
     """``_batch_epoch`` with denormals flushed (``flush_denormals``)."""
     Xg, Yg = _batch_buffers(X, Y, order, batch_size)  # owned here, kept alive past the call (_alive)
     old = flush_denormals()
+    transposed = _first_transposed(plan)
+    if transposed:
+        _transpose_first_layer(sizes, params, grads, state, True)
     out = _batch_epoch(_borrowed(sizes), hidden, output, loss, _borrowed(params), _borrowed(grads), _borrowed(X),
                        _borrowed(Y), _borrowed(order), batch_size, _borrowed(hp), _borrowed(step), _borrowed(state),
                        _borrowed(work), _borrowed(plan), _borrowed(Xg), _borrowed(Yg))
+    if transposed:  # every return of the epoch, a diverged one too, leaves the usual layout
+        _transpose_first_layer(sizes, params, grads, state, False)
     _alive(Xg)
     _alive(Yg)
     restore_denormals(old)

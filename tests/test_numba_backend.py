@@ -561,8 +561,40 @@ def test_gemm_with_alpha_and_beta(trans_a, trans_b, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(32, 10), (7, 3), (5, 1), (0, 4)])
+def test_batch_softmax_rounds_as_the_row_by_row_output_layer(n, k, dtype):
+    """output_rows' column-wise softmax + cross-entropy (_softmax_rows) gives the bits of
+    output_layer row by row: activations, deltas and the summed cost; soft targets too."""
+    from numba import njit
+
+    from fastbp.kernels import numba_kernels as K
+
+    rng = np.random.default_rng(n + k)
+    Z = (rng.standard_normal(n * k) * 8).astype(dtype)
+    Y = np.eye(k, dtype=dtype)[rng.integers(0, k, n)]
+    if n and k > 1:
+        Y[0] = 1.0 / k
+    scale = np.dtype(dtype).type(1 / max(n, 1))
+
+    @njit
+    def by_rows(Z, A, D, Y, n, k, scale):
+        total = 0.0
+        for r in range(n):
+            total += K.output_layer(K.CROSS_ENTROPY, K.SOFTMAX, Z, A, D, r * k, k, Y, r, scale)
+        return total
+
+    A1, D1, A2, D2 = (np.full(n * k, np.nan, dtype) for _ in range(4))
+    got = K.output_rows(K.CROSS_ENTROPY, K.SOFTMAX, Z, A1, D1, Y, n, scale)
+    expected = by_rows(Z, A2, D2, Y, n, k, scale)
+    assert got == expected
+    np.testing.assert_array_equal(A1, A2)
+    np.testing.assert_array_equal(D1, D2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["sgd", "momentum"])
-@pytest.mark.parametrize("plan", [(0, 0), (2**62, 2**62), (0, 150)], ids=["blas", "hand", "mixed"])
+@pytest.mark.parametrize("plan", [(0, 0, 0), (2**62, 2**62, 0), (0, 150, 0), (0, 0, 1), (2**62, 2**62, 1)],
+                         ids=["blas", "hand", "mixed", "first-transposed", "hand-first-transposed"])
 def test_sgd_and_momentum_fused_into_the_weight_gradient_step(plan, momentum, dtype):
     """batch_epoch's fused steps -- plain SGD as ``W += -lr D^T A`` in the GEMM, momentum as
     ``M = mom M + D^T A`` in it -- against gradients then the update rule's arithmetic (to
@@ -574,7 +606,7 @@ def test_sgd_and_momentum_fused_into_the_weight_gradient_step(plan, momentum, dt
     params0 = (rng.standard_normal(spec.n_params) * 0.3).astype(dtype)
     X, Y = rng.standard_normal((20, 6)).astype(dtype), np.eye(3, dtype=dtype)[rng.integers(0, 3, 20)]
     sizes, h, o, lc = NB._spec(spec)
-    plan = np.array(plan, np.int64)
+    plan = K.batch_plan(*plan)
     rule = UpdateRule("sgd", lr=0.1, momentum=momentum)
     work = np.empty(3 * 8 * sum(spec.sizes[1:]), dtype)
     velocity0 = (rng.standard_normal((rule.n_buffers, spec.n_params)) * 0.1).astype(dtype)
@@ -587,7 +619,7 @@ def test_sgd_and_momentum_fused_into_the_weight_gradient_step(plan, momentum, dt
     T = np.dtype(dtype).type
     for start in range(0, 20, 8):
         expected_total += K.batch_gradients(sizes, h, o, lc, expected, grads, X[start:start + 8], Y[start:start + 8],
-                                            work, plan, w_off, b_off, bases)
+                                            work, plan[:2], w_off, b_off, bases)
         if momentum:
             m[0] = m[0] * T(momentum) + grads
             expected -= m[0] * T(0.1)
@@ -1244,7 +1276,7 @@ def test_a_mini_batch_epoch_on_a_one_thread_region_is_the_epoch_alone(optimizer,
         params, grads = params0.copy(), np.zeros_like(params0)
         state = np.zeros((rule.n_buffers, spec.n_params), dtype)
         step, work = np.zeros(1, np.int64), np.empty(NB._workspace(spec, 32, np.dtype(dtype)).size, dtype)
-        plan = np.concatenate([np.array([NB.FORWARD_BLAS_MIN, NB.BACKWARD_BLAS_MIN], np.int64), team])
+        plan = K.batch_plan(NB.FORWARD_BLAS_MIN, NB.BACKWARD_BLAS_MIN, team=team)
         K.batch_epoch(*codes, params, grads, X, Y, np.arange(0, dtype=np.int64), 32, rule.hyper(), step, state, work, plan)
         K.apply_update(rule.hyper(), step, codes[0], params, grads, state, 32, team)
         out.append((params, state, step))

@@ -61,6 +61,46 @@ def test_every_rule_follows_the_torch_optim_reference(backend, rule, batch_size,
     assert net.optimizer.steps == len(costs)
 
 
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("first_transposed_max", [0, 1 << 20], ids=["usual", "first-layer-transposed"])
+def test_numba_epoch_with_its_first_layer_transposed_follows_the_reference(monkeypatch, rule, first_transposed_max):
+    """The compiled mini-batch epoch holding the first layer's weights and optimizer state as
+    W.T (numba_kernels.FIRST_TRANSPOSED) trains as the reference does, a short last batch
+    and a second, untransposed hidden layer included, and hands back the usual layout."""
+    from fastbp.kernels.numba import NumbaBackend
+
+    X, Y = make_data(23, 4, 3, "cross_entropy", seed=4)
+    spy = []
+    with fb.use_backend("numba") as be:
+        # every product a GEMM (these shapes are far below the sizes that choose one)
+        monkeypatch.setattr(NumbaBackend, "FORWARD_BLAS_MIN", 0)
+        monkeypatch.setattr(NumbaBackend, "BACKWARD_BLAS_MIN", 0)
+        monkeypatch.setattr(NumbaBackend, "FIRST_TRANSPOSED_MAX", first_transposed_max)
+        kernels = be._k
+
+        class Spy:
+            def __getattr__(self, name):
+                return getattr(kernels, name)
+
+            def batch_epoch(self, *args):
+                spy.append(int(args[-1][kernels.FIRST_TRANSPOSED]))
+                return kernels.batch_epoch(*args)
+
+        monkeypatch.setattr(be, "_k", Spy())
+        net = fb.MLP([4, 6, 5, 3], activation="tanh", loss="cross_entropy", dtype="float64", seed=2)
+        W0, b0 = net.get_params()
+        net.fit(X, Y, epochs=2, batch_size=7, optimizer=make_optimizer(RULES[rule]), seed=5)
+        # one more epoch in the usual layout: it continues from the state the epochs handed back
+        monkeypatch.setattr(NumbaBackend, "FIRST_TRANSPOSED_MAX", 0)
+        net.fit(X, Y, epochs=1, batch_size=7, optimizer=None, seed=6)
+    assert spy == [int(first_transposed_max > 0)] * 2 + [0]
+    W, b, _ = optimizer_trajectory(W0, b0, "tanh", "softmax", "cross_entropy", X, Y,
+                                   batches_of(len(X), 7, 2, 5) + batches_of(len(X), 7, 1, 6),
+                                   TorchOptimReference(**RULES[rule]))
+    for g, e in zip(sum(net.get_params(), []), W + b):
+        np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-12)
+
+
 def test_sklearn_l2_reaches_weights_only_scaled_by_the_batch_rows(backend):
     X, Y = make_data(17, 3, 1, "mse", seed=2)
     net = fb.MLP([3, 4, 1], activation="relu", dtype="float64", seed=0)
