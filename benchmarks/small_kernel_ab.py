@@ -1,14 +1,16 @@
 """The per-example kernel of a small one-hidden-layer network (``numba_kernels.shallow_body``)
-compiled two ways, in one process, rounds interleaved: with the hidden-unit count a
-compile-time constant (LLVM unrolls the loops over the units into scalar code) and read at run
-time (the loops stay loops, which LLVM vectorizes across the units):
+compiled three ways, in one process, rounds interleaved: with the hidden-unit count a
+compile-time constant (LLVM unrolls the loops over the units) and LLVM's SLP vectorizer on, as
+kernels/numba.py compiles it (``_slp_vectorizing``); the same without SLP (Numba's default:
+the unrolled loops stay scalar code); and the count read at run time (the loops stay loops,
+which the loop vectorizer takes), SLP on:
 
     python benchmarks/small_kernel_ab.py [--rounds 9] [--out FILE]
 
 Each (network, optimizer) times one epoch of 4000 shuffled float32 examples per round under
 each variant from the same start, and checks the two end with the same parameters (to float32
 rounding: reassociation may order a sum differently). What kernels/numba.py's generated small
-kernels choose (``_hidden_count_constant``) comes from this record.
+kernels choose (``_hidden_count``, ``_slp_vectorizing``) comes from this record.
 
 Writes benchmarks/results/small-kernel-ab-<UTC>.json with the machine described.
 """
@@ -22,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +58,15 @@ def _kernel(n_in, hidden_count, n_out, codes):
     return scope["epoch"]
 
 
+def _compiled(fn, slp: bool, *args):
+    """Call ``fn`` once (its compile) with the SLP vectorizer on or off."""
+    numba.config.SLP_VECTORIZE = int(slp)
+    try:
+        return fn(*args)
+    finally:
+        numba.config.SLP_VECTORIZE = 0
+
+
 def _data(sizes, loss, rng):
     X = rng.standard_normal((N, sizes[0])).astype(np.float32)
     if loss == "cross_entropy":
@@ -77,27 +89,38 @@ def main() -> None:
         X, Y = _data(sizes, loss, rng)
         order = rng.permutation(N)
         variants = {"constant": _kernel(sizes[0], sizes[1], sizes[2], spec[1:]),
+                    "constant_without_slp": _kernel(sizes[0], sizes[1], sizes[2], spec[1:]),
                     "runtime": _kernel(sizes[0], "sizes[1]", sizes[2], spec[1:])}
+        slp = {"constant": True, "constant_without_slp": False, "runtime": True}
+        compiled = set()
         for name, rule in RULES.items():
-            def epoch(fn):
+            def epoch(v):
                 p = net._params.copy()
                 state = OptimizerState(np.zeros((rule.n_buffers, net.spec.n_params), np.float32))
+                args = (*spec, p, X, Y, order, rule.hyper(), state.step, state.buffers, np.empty(0, np.float32))
+                if v not in compiled:  # the compile, untimed
+                    compiled.add(v)
+                    _compiled(variants[v], slp[v], *args)
+                    return None, p
                 t = time.perf_counter()
-                fn(*spec, p, X, Y, order, rule.hyper(), state.step, state.buffers, np.empty(0, np.float32))
+                variants[v](*args)
                 return (time.perf_counter() - t) / N * 1e9, p
-            ends = {v: epoch(fn)[1] for v, fn in variants.items()}  # compiles, untimed
+            ends = {v: epoch(v)[1] for v in variants}  # compiles (first rule) or warms, untimed
             ns = {v: [] for v in variants}
             for r in range(args.rounds):
                 for v in (variants if r % 2 == 0 else list(variants)[::-1]):
-                    ns[v].append(epoch(variants[v])[0])
+                    ns[v].append(epoch(v)[0])
             key = f"{'-'.join(map(str, sizes))} {act} {loss} {name}"
             best = {v: min(t) for v, t in ns.items()}
             results[key] = {"ns_per_example_best": best, "ns_per_example_repeats": ns,
                             "runtime_speedup_best": best["constant"] / best["runtime"],
-                            "max_param_difference": float(np.max(np.abs(ends["constant"] - ends["runtime"])))}
-            print(f"{key:38s} constant {best['constant']:6.1f}  runtime {best['runtime']:6.1f} ns/example  "
-                  f"runtime x{best['constant'] / best['runtime']:.2f}", flush=True)
-    record = {"what": "small-net per-example kernel: hidden count as a compile-time constant vs read at run time",
+                            "slp_speedup_best": best["constant_without_slp"] / best["constant"],
+                            "max_param_difference": max(float(np.max(np.abs(ends["constant"] - ends[v])))
+                                                        for v in variants)}
+            print(f"{key:38s} constant {best['constant']:6.1f}  without SLP {best['constant_without_slp']:6.1f}  "
+                  f"runtime {best['runtime']:6.1f} ns/example", flush=True)
+    record = {"what": "small-net per-example kernel: hidden count as a compile-time constant (SLP vectorizer on "
+                      "and off) vs read at run time",
               "when_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "source": machine.source_state(str(ROOT)), "machine": machine.describe(),
               "load": [load, machine.load_snapshot("end")], "rounds": args.rounds, "examples": N,

@@ -561,8 +561,8 @@ def _softmax_rows(Z, A, D, Y, n, k, scale):
     """``output_layer``'s softmax + cross-entropy for ``n`` rows, rounding alike (each row's max,
     sum and cost in the same order), but laid out for SIMD: the exps in one flat loop over the
     batch, the maxima and sums column by column across the rows, the logs in a loop of their
-    own. Row by row, each exp was a scalar call beside the sum's serial chain, most of a
-    64-64-10 batch-32 step's output time (benchmarks/results/batch-step-ab-*.json)."""
+    own. Row by row, each exp was a scalar call beside the sum's serial chain: 2.58 vs 0.80 us
+    for a 64-64-10 batch of 32 (benchmarks/results/batch-step-ab-20261208T021208Z.json)."""
     k, n = _U(k), _U(n)
     buf = np.empty(4 * n, Z.dtype)
     M, S, SY, LOG = buf[:n], buf[n:2 * n], buf[2 * n:3 * n], buf[3 * n:]
@@ -1525,40 +1525,58 @@ def _relayout(src, dst, n_in, H, to_hidden_major):
 
 
 @njit(cache=True, error_model="numpy", fastmath=_DOT_MATH, inline="always")
-def _dot_split(P, lo, a, n, zero):
-    """``sum_j P[lo + j] a[j]`` in four partial sums: a chain of n/4 multiply-adds, not n (a
-    small net's output logit is on its per-example critical path)."""
-    lo, n = _U(lo), _U(n)
+def _dot_split(P, lo, a, alo, n, zero):
+    """``sum_j P[lo + j] a[alo + j]`` in four partial sums: a chain of n/4 multiply-adds, not n
+    (a small net's output logit is on its per-example critical path)."""
+    lo, alo, n = _U(lo), _U(alo), _U(n)
     one, four = _U(1), _U(4)
     s0, s1, s2, s3 = zero, zero, zero, zero
     j = _U(0)
     while j + four <= n:
-        s0 += P[lo + j] * a[j]
-        s1 += P[lo + j + one] * a[j + one]
-        s2 += P[lo + j + _U(2)] * a[j + _U(2)]
-        s3 += P[lo + j + _U(3)] * a[j + _U(3)]
+        s0 += P[lo + j] * a[alo + j]
+        s1 += P[lo + j + one] * a[alo + j + one]
+        s2 += P[lo + j + _U(2)] * a[alo + j + _U(2)]
+        s3 += P[lo + j + _U(3)] * a[alo + j + _U(3)]
         j += four
     while j < n:
-        s0 += P[lo + j] * a[j]
+        s0 += P[lo + j] * a[alo + j]
         j += one
     return (s0 + s1) + (s2 + s3)
 
 
+# A small net's per-example kernel keeps everything it writes in one buffer ``B``, at offsets
+# that are compile-time constants in the generated kernels (the sizes are): the hidden-major
+# parameters, the gradient, two state rows, then the hidden units' z, a and delta. LLVM then
+# knows no store to one of them changes another, which lets its SLP vectorizer turn the
+# unrolled loops over the hidden units into vector code (separate arrays might overlap as far
+# as it can tell, and it left them scalar).
+
+
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
+def _small_offsets(n_in, H, n_out):
+    """``(n_params, g, s, zh, ah, dh, size)``: where the gradient, the state rows and the hidden
+    units' z, a and delta start in a small net's buffer, and its size."""
+    n_params = _U(n_in) * _U(H) + _U(H) + _U(n_out) * _U(H) + _U(n_out)
+    zh = _U(4) * n_params
+    return n_params, n_params, _U(2) * n_params, zh, zh + _U(H), zh + _U(2) * _U(H), zh + _U(3) * _U(H)
+
+
 @njit(cache=True, error_model="numpy", fastmath=_DOT_MATH, inline="always")
-def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step, S, G, zh, ah, dh, zo, ao, do, nxt,
-                  R):
-    """``shallow_epoch``'s loop on hidden-major ``P`` and ``S`` (``_relayout``), inlined
-    where it is called: with the input and output sizes and the codes as compile-time constants
-    (the generated modules, kernels/numba.py) LLVM unrolls the loops over them. ``G``: room for a stateful
-    rule's gradient; ``zh``, ``ah``, ``dh`` and ``zo``, ``ao``, ``do``: the hidden and the output
+def _shallow_body(n_in, H, n_out, hidden, output, loss, B, X, Y, order, hp, step, zo, ao, do, nxt, R):
+    """``shallow_epoch``'s loop on the buffer ``B`` (``_small_offsets``: hidden-major parameters,
+    ``_relayout``, their gradient and state), inlined where it is called: with the input and
+    output sizes and the codes as compile-time constants (the generated modules,
+    kernels/numba.py) LLVM unrolls the loops over them. ``zo``, ``ao``, ``do``: the output
     units' z, a and delta; ``nxt``: where to draw the next epoch's order (none: size 0) from
-    the PCG64 state ``R`` (numba_random), one Fisher-Yates step per example."""
+    the PCG64 state ``R`` (numba_random), one Fisher-Yates step per example. Returns
+    ``(cost, examples done, correct, steps taken)``; the caller adds the steps to ``step``."""
     n_in, H, n_out = _U(n_in), _U(H), _U(n_out)
+    n_params, g, so, zh, ah, dh, _ = _small_offsets(n_in, H, n_out)
     w1, b1 = _U(0), H * n_in  # W1[k, j] at w1 + k H + j
     w2 = b1 + H
     b2 = w2 + n_out * H
-    n_params = b2 + n_out
-    one = type(P[0])(1.0)
+    m, v = so, so + n_params  # the state rows
+    one = type(B[0])(1.0)
     zero = one - one
     kind = int(hp[HP_KIND])
     undecayed = hp[HP_WEIGHT_DECAY] == 0 and hp[HP_L2] == 0
@@ -1568,8 +1586,10 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step
     neg_lr = -one * type(one)(hp[HP_LR])
     l2 = type(one)(hp[HP_L2])  # rows = 1
     b1_t, b2_t = hp[HP_BETA1] ** step[0], hp[HP_BETA2] ** step[0]
+    P, G, S = B[:n_params], B[g:g + n_params], B[so:so + _U(2) * n_params].reshape((2, np.int64(n_params)))
     total = 0.0
     correct = 0
+    steps = 0
     shuffled = order.size > 0
     drawing = nxt.size > 0
     last = X.shape[0] - 1
@@ -1578,19 +1598,19 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step
         if drawing and s < last:  # its integer chain runs beside the example's floating-point one
             shuffle_step(R, nxt, last - s)
         for j in range(H):
-            zh[j] = zero
+            B[zh + j] = zero
         for k in range(n_in):
             xk = X[row, k]
             for j in range(H):
-                zh[j] += P[w1 + k * H + j] * xk
+                B[zh + j] += B[w1 + k * H + j] * xk
         for j in range(H):
-            z = zh[j] + P[b1 + j]
-            zh[j] = z
-            ah[j] = _phi(hidden, z)
+            z = B[zh + j] + B[b1 + j]
+            B[zh + j] = z
+            B[ah + j] = _phi(hidden, z)
         for o in range(n_out):
-            z = _dot_split(P, w2 + o * H, ah, H, zero) + P[b2 + o]
+            z = _dot_split(B, w2 + o * H, B, ah, H, zero) + B[b2 + o]
             if not np.isfinite(z):
-                return total, s, correct
+                return total, s, correct, steps
             zo[o] = z
         # the logits and deltas checked, and the cost only for mse: a branch on a log-loss or
         # softmax cost (its log's latency) slowed 2-8-1 by ~7%. With those finite so is the
@@ -1599,57 +1619,55 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step
         cost = output_layer(loss, output, zo, ao, do, np.int64(0), n_out, Y, row, one)
         for o in range(n_out):
             if not np.isfinite(do[o]):
-                return total, s, correct
+                return total, s, correct, steps
         if loss == MSE and not np.isfinite(cost):  # finite deltas, an overflowing square
-            return total, s, correct
+            return total, s, correct, steps
         total += cost
         correct += _row_correct(loss, ao, np.int64(0), Y, row)
-        step[0] += 1
+        steps += 1
         b1_t *= hp[HP_BETA1]
         b2_t *= hp[HP_BETA2]
         for j in range(H):  # hidden deltas from the output weights before their update
             acc = zero
             for o in range(n_out):
-                acc += P[w2 + o * H + j] * do[o]
-            dh[j] = _dphi(hidden, zh[j], ah[j], acc)
+                acc += B[w2 + o * H + j] * do[o]
+            B[dh + j] = _dphi(hidden, B[zh + j], B[ah + j], acc)
         if plain:  # each step where its gradient is formed: no gradient buffer
             for o in range(n_out):
                 st = do[o] * neg_lr
                 for j in range(H):
-                    P[w2 + o * H + j] += st * ah[j]
-                P[b2 + o] += st
+                    B[w2 + o * H + j] += st * B[ah + j]
+                B[b2 + o] += st
             for k in range(n_in):
                 xk = X[row, k]
                 for j in range(H):
-                    P[w1 + k * H + j] += (dh[j] * neg_lr) * xk
+                    B[w1 + k * H + j] += (B[dh + j] * neg_lr) * xk
             for j in range(H):
-                P[b1 + j] += dh[j] * neg_lr
+                B[b1 + j] += B[dh + j] * neg_lr
             continue
         # a stateful rule: the gradient into G, then one vectorized pass of the rule
         for o in range(n_out):
             d = do[o]
             for j in range(H):
-                G[w2 + o * H + j] = d * ah[j]
-            G[b2 + o] = d
+                B[g + w2 + o * H + j] = d * B[ah + j]
+            B[g + b2 + o] = d
         for k in range(n_in):
             xk = X[row, k]
             for j in range(H):
-                G[w1 + k * H + j] = dh[j] * xk
+                B[g + w1 + k * H + j] = B[dh + j] * xk
         for j in range(H):
-            G[b1 + j] = dh[j]
+            B[g + b1 + j] = B[dh + j]
         c = rule_scalars_at(hp, b1_t, b2_t, one)
         # the common rules' loops inline, faster than a call on 2-8-1
         # (benchmarks/results/exact-update-ab-xeon-spr-20261202.json); _mul etc. keep their rounding
         _, lr, mom, _, _, _, beta1, obeta1, beta2, obeta2, eps, step_size, inv_bc2 = c
         if heavy:
-            M = S[0]
             for i in range(n_params):
-                P[i], M[i] = _momentum_step_of(P[i], M[i], G[i], mom, lr)
+                B[i], B[m + i] = _momentum_step_of(B[i], B[m + i], B[g + i], mom, lr)
         elif adam:
-            M, V = S[0], S[1]
             for i in range(n_params):
-                P[i], M[i], V[i] = _adam_step_of(P[i], M[i], V[i], G[i], beta1, obeta1, beta2, obeta2, eps,
-                                                 step_size, inv_bc2)
+                B[i], B[m + i], B[v + i] = _adam_step_of(B[i], B[m + i], B[v + i], B[g + i], beta1, obeta1, beta2,
+                                                         obeta2, eps, step_size, inv_bc2)
         elif l2 == 0:  # (all of _update_range inlined doubled the compile)
             _update_range(c, P, G, S, np.int64(0), np.int64(n_params), zero)
         else:  # l2 reaches the weights only (scikit-learn's alpha); hidden-major keeps W1 in [w1, b1)
@@ -1657,43 +1675,43 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step
             _update_range(c, P, G, S, np.int64(b1), np.int64(w2), zero)
             _update_range(c, P, G, S, np.int64(w2), np.int64(b2), l2)
             _update_range(c, P, G, S, np.int64(b2), np.int64(n_params), zero)
-    return total, X.shape[0], correct
+    return total, X.shape[0], correct, steps
 
 
 @njit(cache=True, error_model="numpy", fastmath=_DOT_MATH, inline="always")
 def shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step, S, work, nxt, state_in, state_out):
-    """``_shallow_body`` on hidden-major copies of ``P`` and ``S``, written back after (also
-    when it stops early), with denormals flushed (``flush_denormals``); inlined where it is
-    called. The copies, the gradient and the units' buffers are this call's own arrays. With
-    ``nxt`` not empty it also draws ``Generator.permutation(n)`` into it from PCG64 state
-    ``state_in``, and writes the state after into ``state_out`` when the epoch ran to its end."""
-    Pl, Sl = np.empty_like(P), np.empty_like(S)
-    _relayout(P, Pl, n_in, H, True)
+    """``_shallow_body`` on a buffer holding hidden-major copies of ``P`` and ``S``
+    (``_small_offsets``), written back after (also when it stops early), with denormals
+    flushed (``flush_denormals``); inlined where it is called. The buffer and the output
+    units' arrays are this call's own. With ``nxt`` not empty it also draws
+    ``Generator.permutation(n)`` into it from PCG64 state ``state_in``, and writes the state
+    after into ``state_out`` when the epoch ran to its end."""
+    n_params, _, so, _, _, _, size = _small_offsets(n_in, H, n_out)
+    B = np.zeros(size, P.dtype)
+    _relayout(P, B[:n_params], n_in, H, True)
     for b in range(S.shape[0]):
-        _relayout(S[b], Sl[b], n_in, H, True)
-    plain = int(hp[HP_KIND]) == SGD and hp[HP_MOMENTUM] == 0 and hp[HP_WEIGHT_DECAY] == 0 and hp[HP_L2] == 0
-    G = np.empty(0 if plain else P.size, P.dtype)
-    zh, ah, dh = np.empty(H, P.dtype), np.empty(H, P.dtype), np.empty(H, P.dtype)
+        _relayout(S[b], B[so + b * n_params:so + (b + 1) * n_params], n_in, H, True)
     zo, ao, do = np.empty(n_out, P.dtype), np.empty(n_out, P.dtype), np.empty(n_out, P.dtype)
     R = state_in.copy()
     for k in range(nxt.size):
         nxt[k] = k
     old = flush_denormals()
-    out = _shallow_body(n_in, H, n_out, hidden, output, loss, _borrowed(Pl), _borrowed(X), _borrowed(Y),
-                        _borrowed(order), _borrowed(hp), _borrowed(step), _borrowed(Sl), _borrowed(G), _borrowed(zh),
-                        _borrowed(ah), _borrowed(dh), _borrowed(zo), _borrowed(ao), _borrowed(do), _borrowed(nxt),
-                        _borrowed(R))
+    total, done, correct, steps = _shallow_body(n_in, H, n_out, hidden, output, loss, _borrowed(B), _borrowed(X),
+                                                _borrowed(Y), _borrowed(order), _borrowed(hp), _borrowed(step),
+                                                _borrowed(zo), _borrowed(ao), _borrowed(do), _borrowed(nxt),
+                                                _borrowed(R))
     restore_denormals(old)
-    if nxt.size > 0 and out[1] == X.shape[0]:
+    step[0] += steps  # counted here: a store to step inside the loop might alias the buffer for LLVM
+    if nxt.size > 0 and done == X.shape[0]:
         state_out[:] = R
-    _relayout(Pl, P, n_in, H, False)
+    _relayout(B[:n_params], P, n_in, H, False)
     for b in range(S.shape[0]):
-        _relayout(Sl[b], S[b], n_in, H, False)
-    _alive(G)
+        _relayout(B[so + b * n_params:so + (b + 1) * n_params], S[b], n_in, H, False)
+    _alive(B)
     _alive(R)
-    for kept in (zh, ah, dh, zo, ao, do):
+    for kept in (zo, ao, do):
         _alive(kept)
-    return out
+    return total, done, correct
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)

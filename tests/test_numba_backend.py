@@ -1356,3 +1356,34 @@ def test_per_example_rows_in_float64_and_a_softmax_hidden_layer():
         assert len(fake.asked) == expect_calls
         for got, want in zip(*out):
             np.testing.assert_array_equal(got, want)
+
+
+def test_generated_small_kernels_compile_with_slp_and_only_they():
+    """_slp_vectorizing turns Numba's SLP setting on around a dispatcher's first call only, and
+    puts it back (also when the call raises); the rest of the process compiles as before."""
+    import numba
+
+    from fastbp.kernels.numba import _slp_vectorizing
+
+    seen = []
+
+    @numba.njit
+    def first(x):
+        return x + 1
+
+    class Raises:
+        signatures = []
+
+    assert numba.config.SLP_VECTORIZE == 0
+    with _slp_vectorizing(first):
+        seen.append(numba.config.SLP_VECTORIZE)
+        first(1)
+    with _slp_vectorizing(first):  # compiled now: nothing to set
+        seen.append(numba.config.SLP_VECTORIZE)
+    with _slp_vectorizing(None):  # no generated kernel (shallow_epoch_drawing serves)
+        seen.append(numba.config.SLP_VECTORIZE)
+    with pytest.raises(KeyboardInterrupt):
+        with _slp_vectorizing(Raises()):
+            seen.append(numba.config.SLP_VECTORIZE)
+            raise KeyboardInterrupt
+    assert seen == [1, 0, 0, 1] and numba.config.SLP_VECTORIZE == 0
