@@ -1028,9 +1028,12 @@ class _slp_vectorizing:
 
 def _hidden_count(n_hidden: int) -> str:
     """The hidden-unit count as the generated kernel reads it: a constant up to
-    UNROLLED_HIDDEN_MAX units (LLVM unrolls the loops over them into scalar code), else from
-    ``sizes`` at run time (the loops stay loops, vectorized across the units): each the faster
-    there (benchmarks/results/small-kernel-ab-20261207T201239Z.json)."""
+    UNROLLED_HIDDEN_MAX units (LLVM unrolls the loops over them, and SLP vectorizes them), else
+    from ``sizes`` at run time (the loops stay loops, which the loop vectorizer takes). Without
+    SLP each was the faster there (small-kernel-ab-20261207T201239Z.json); with it the constant
+    measured faster up to 32 units too (4-16-3 relu SGD 93 vs 98 ns, 8-32-4 tanh 555 vs 600:
+    benchmarks/results/small-kernel-ab-20261208T023159Z.json), not taken yet: more unrolled
+    code to compile on a first fit, unmeasured."""
     return str(n_hidden) if n_hidden <= UNROLLED_HIDDEN_MAX else "sizes[1]"
 
 
