@@ -1554,11 +1554,11 @@ def _dot_split(P, lo, a, alo, n, zero):
 
 @njit(cache=True, error_model="numpy", fastmath=False, inline="always")
 def _small_offsets(n_in, H, n_out):
-    """``(n_params, g, s, zh, ah, dh, size)``: where the gradient, the state rows and the hidden
-    units' z, a and delta start in a small net's buffer, and its size."""
+    """``(n_params, g, zh, ah, dh, s)``: where the gradient, the hidden units' z, a and delta and
+    the state rows (as many as the state has, at least two) start in a small net's buffer."""
     n_params = _U(n_in) * _U(H) + _U(H) + _U(n_out) * _U(H) + _U(n_out)
-    zh = _U(4) * n_params
-    return n_params, n_params, _U(2) * n_params, zh, zh + _U(H), zh + _U(2) * _U(H), zh + _U(3) * _U(H)
+    zh = _U(2) * n_params
+    return n_params, n_params, zh, zh + _U(H), zh + _U(2) * _U(H), zh + _U(3) * _U(H)
 
 
 @njit(cache=True, error_model="numpy", fastmath=_DOT_MATH, inline="always")
@@ -1571,7 +1571,7 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, B, X, Y, order, hp, step
     the PCG64 state ``R`` (numba_random), one Fisher-Yates step per example. Returns
     ``(cost, examples done, correct, steps taken)``; the caller adds the steps to ``step``."""
     n_in, H, n_out = _U(n_in), _U(H), _U(n_out)
-    n_params, g, so, zh, ah, dh, _ = _small_offsets(n_in, H, n_out)
+    n_params, g, zh, ah, dh, so = _small_offsets(n_in, H, n_out)
     w1, b1 = _U(0), H * n_in  # W1[k, j] at w1 + k H + j
     w2 = b1 + H
     b2 = w2 + n_out * H
@@ -1586,7 +1586,8 @@ def _shallow_body(n_in, H, n_out, hidden, output, loss, B, X, Y, order, hp, step
     neg_lr = -one * type(one)(hp[HP_LR])
     l2 = type(one)(hp[HP_L2])  # rows = 1
     b1_t, b2_t = hp[HP_BETA1] ** step[0], hp[HP_BETA2] ** step[0]
-    P, G, S = B[:n_params], B[g:g + n_params], B[so:so + _U(2) * n_params].reshape((2, np.int64(n_params)))
+    P, G = B[:n_params], B[g:g + n_params]
+    S = B[so:].reshape(((B.size - so) // n_params, np.int64(n_params)))
     total = 0.0
     correct = 0
     steps = 0
@@ -1686,8 +1687,8 @@ def shallow_body(n_in, H, n_out, hidden, output, loss, P, X, Y, order, hp, step,
     units' arrays are this call's own. With ``nxt`` not empty it also draws
     ``Generator.permutation(n)`` into it from PCG64 state ``state_in``, and writes the state
     after into ``state_out`` when the epoch ran to its end."""
-    n_params, _, so, _, _, _, size = _small_offsets(n_in, H, n_out)
-    B = np.zeros(size, P.dtype)
+    n_params, _, _, _, _, so = _small_offsets(n_in, H, n_out)
+    B = np.zeros(so + max(2, S.shape[0]) * n_params, P.dtype)
     _relayout(P, B[:n_params], n_in, H, True)
     for b in range(S.shape[0]):
         _relayout(S[b], B[so + b * n_params:so + (b + 1) * n_params], n_in, H, True)
@@ -2030,7 +2031,8 @@ def batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, b
     before its update), then ``dW = D^T A``, ``db = sum D`` into ``grads`` -- or the step
     itself, for plain SGD (``neg_lr = -lr``, else 0) into ``params`` (``_weight_step``), for
     momentum without weight decay, l2 or Nesterov (``beta`` != 0, ``M`` its velocity) through
-    ``_momentum_step``."""
+    ``_momentum_step``. With the first layer held transposed
+    (``plan[FIRST_TRANSPOSED]``) its step is formed as ``A^T D`` into W.T."""
     n = Xb.shape[0]
     lr = -neg_lr
     for l in range(sizes.size - 2, -1, -1):
@@ -2052,7 +2054,10 @@ def batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, b
 
 @njit(cache=True, error_model="numpy", fastmath=False)
 def batch_gradients(sizes, hidden, output, loss, params, grads, Xb, Yb, work, plan, w_off, b_off, bases):
-    """Gradients of the mean cost over the batch ``Xb`` into ``grads``; returns the summed cost."""
+    """Gradients of the mean cost over the batch ``Xb`` into ``grads``; returns the summed cost.
+    The weights are in their usual layout here: ``plan``'s FIRST_TRANSPOSED is not read (only
+    ``batch_epoch`` transposes the first layer, for its own steps)."""
+    plan = plan[:FIRST_TRANSPOSED]
     total = batch_forward(sizes, hidden, output, loss, params, Xb, Yb, work, plan, w_off, b_off, bases)
     zero = type(params[0])(0.0)
     batch_backward(sizes, hidden, params, grads, Xb, work, plan, w_off, b_off, bases, zero, zero, zero, params[:0])

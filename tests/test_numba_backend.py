@@ -1358,32 +1358,58 @@ def test_per_example_rows_in_float64_and_a_softmax_hidden_layer():
             np.testing.assert_array_equal(got, want)
 
 
-def test_generated_small_kernels_compile_with_slp_and_only_they():
-    """_slp_vectorizing turns Numba's SLP setting on around a dispatcher's first call only, and
-    puts it back (also when the call raises); the rest of the process compiles as before."""
+def test_generated_small_kernels_compile_with_slp_once_per_dtype():
+    """_SLPCompiled compiles each parameter dtype once with Numba's SLP setting on, calls with it
+    off, and puts it back when the compile raises."""
     import numba
 
-    from fastbp.kernels.numba import _slp_vectorizing
+    from fastbp.kernels.numba import _SLPCompiled
 
     seen = []
 
-    @numba.njit
-    def first(x):
-        return x + 1
+    class Dispatcher:
+        overloads = {}
+        fail = False
 
-    class Raises:
-        signatures = []
+        def compile(self, signature):
+            seen.append(("compile", str(signature[4]), numba.config.SLP_VECTORIZE))
+            if self.fail:
+                raise KeyboardInterrupt
+            self.overloads[signature] = True
 
-    assert numba.config.SLP_VECTORIZE == 0
-    with _slp_vectorizing(first):
-        seen.append(numba.config.SLP_VECTORIZE)
-        first(1)
-    with _slp_vectorizing(first):  # compiled now: nothing to set
-        seen.append(numba.config.SLP_VECTORIZE)
-    with _slp_vectorizing(None):  # no generated kernel (shallow_epoch_drawing serves)
-        seen.append(numba.config.SLP_VECTORIZE)
+        def __call__(self, *args):
+            seen.append(("call", str(numba.typeof(args[4])), numba.config.SLP_VECTORIZE))
+
+    kernel = _SLPCompiled(Dispatcher())
+    args = [np.zeros(2, np.int64), 0, 0, 0]
+    kernel(*args, np.zeros(3, np.float32))
+    kernel(*args, np.zeros(3, np.float32))
+    kernel(*args, np.zeros(3))
+    assert seen == [("compile", "array(float32, 1d, C)", 1), ("call", "array(float32, 1d, C)", 0),
+                    ("call", "array(float32, 1d, C)", 0), ("compile", "array(float64, 1d, C)", 1),
+                    ("call", "array(float64, 1d, C)", 0)]
+    failing = _SLPCompiled(Dispatcher())
+    failing.dispatcher.overloads, failing.dispatcher.fail = {}, True
     with pytest.raises(KeyboardInterrupt):
-        with _slp_vectorizing(Raises()):
-            seen.append(numba.config.SLP_VECTORIZE)
-            raise KeyboardInterrupt
-    assert seen == [1, 0, 0, 1] and numba.config.SLP_VECTORIZE == 0
+        failing(*args, np.zeros(3, np.int32))
+    assert numba.config.SLP_VECTORIZE == 0 and failing.overloads == {}  # delegated to the dispatcher
+
+
+@pytest.mark.parametrize("rows", [2, 3])
+def test_small_kernel_takes_a_state_with_extra_rows(rows):
+    """A small net's per-example kernel with more state rows than its rule reads (train_epoch
+    accepts them): the rule's rows train as with exactly two, the others stay as they were."""
+    spec = NetSpec((2, 8, 1), "sigmoid", "sigmoid", "log_loss", np.dtype("float32"))
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((50, 2)).astype(np.float32)
+    Y = (X[:, :1] * X[:, 1:] > 0).astype(np.float32)
+    params0 = (rng.standard_normal(spec.n_params) * 0.5).astype(np.float32)
+    rule = UpdateRule("adam", lr=0.01)
+    out = []
+    for n_rows in (2, rows):
+        params, state = params0.copy(), OptimizerState(np.full((n_rows, spec.n_params), 0.25, np.float32))
+        NB.train_epoch(spec, params, np.empty_like(params), X, Y, 1, rule, state, "vectorized")
+        out.append((params, state.buffers))
+    np.testing.assert_array_equal(out[0][0], out[1][0])
+    np.testing.assert_array_equal(out[0][1], out[1][1][:2])
+    assert (out[1][1][2:] == np.float32(0.25)).all()

@@ -63,7 +63,9 @@ def test_every_rule_follows_the_torch_optim_reference(backend, rule, batch_size,
 
 @pytest.mark.parametrize("rule", sorted(RULES))
 @pytest.mark.parametrize("first_transposed_max", [0, 1 << 20], ids=["usual", "first-layer-transposed"])
-def test_numba_epoch_with_its_first_layer_transposed_follows_the_reference(monkeypatch, rule, first_transposed_max):
+@pytest.mark.parametrize("sizes", [[4, 6, 5, 3], [4, 3]], ids=["two-hidden", "logistic"])
+def test_numba_epoch_with_its_first_layer_transposed_follows_the_reference(monkeypatch, rule, first_transposed_max,
+                                                                          sizes):
     """The compiled mini-batch epoch holding the first layer's weights and optimizer state as
     W.T (numba_kernels.FIRST_TRANSPOSED) trains as the reference does, a short last batch
     and a second, untransposed hidden layer included, and hands back the usual layout."""
@@ -87,7 +89,7 @@ def test_numba_epoch_with_its_first_layer_transposed_follows_the_reference(monke
                 return kernels.batch_epoch(*args)
 
         monkeypatch.setattr(be, "_k", Spy())
-        net = fb.MLP([4, 6, 5, 3], activation="tanh", loss="cross_entropy", dtype="float64", seed=2)
+        net = fb.MLP(sizes, activation="tanh", loss="cross_entropy", dtype="float64", seed=2)
         W0, b0 = net.get_params()
         net.fit(X, Y, epochs=2, batch_size=7, optimizer=make_optimizer(RULES[rule]), seed=5)
         # one more epoch in the usual layout: it continues from the state the epochs handed back
