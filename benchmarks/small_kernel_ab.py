@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import numba
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +35,7 @@ except ImportError:  # a source checkout that is not installed
     import fastbp as fb
 from fastbp.bench import machine  # noqa: E402
 from fastbp.kernels.base import OptimizerState, UpdateRule  # noqa: E402
+from fastbp.kernels.numba import _SLPCompiled  # noqa: E402
 
 NETS = [((2, 4, 1), "relu", "log_loss"), ((2, 8, 1), "relu", "log_loss"), ((2, 16, 1), "relu", "log_loss"),
         ((4, 16, 3), "relu", "cross_entropy"), ((2, 8, 1), "sigmoid", "log_loss"),
@@ -59,15 +59,6 @@ def _kernel(n_in, hidden_count, n_out, codes):
     return scope["epoch"]
 
 
-def _compiled(fn, slp: bool, *args):
-    """Call ``fn`` once (its compile) with the SLP vectorizer on or off."""
-    numba.config.SLP_VECTORIZE = int(slp)
-    try:
-        return fn(*args)
-    finally:
-        numba.config.SLP_VECTORIZE = 0
-
-
 def _data(sizes, loss, rng):
     X = rng.standard_normal((N, sizes[0])).astype(np.float32)
     if loss == "cross_entropy":
@@ -89,22 +80,15 @@ def main() -> None:
         rng = np.random.default_rng(0)
         X, Y = _data(sizes, loss, rng)
         order = rng.permutation(N)
-        variants = {"constant": _kernel(sizes[0], sizes[1], sizes[2], spec[1:]),
+        variants = {"constant": _SLPCompiled(_kernel(sizes[0], sizes[1], sizes[2], spec[1:])),
                     "constant_without_slp": _kernel(sizes[0], sizes[1], sizes[2], spec[1:]),
-                    "runtime": _kernel(sizes[0], "sizes[1]", sizes[2], spec[1:])}
-        slp = {"constant": True, "constant_without_slp": False, "runtime": True}
-        compiled = set()
+                    "runtime": _SLPCompiled(_kernel(sizes[0], "sizes[1]", sizes[2], spec[1:]))}
         for name, rule in RULES.items():
             def epoch(v):
                 p = net._params.copy()
                 state = OptimizerState(np.zeros((rule.n_buffers, net.spec.n_params), np.float32))
-                args = (*spec, p, X, Y, order, rule.hyper(), state.step, state.buffers, np.empty(0, np.float32))
-                if v not in compiled:  # the compile, untimed
-                    compiled.add(v)
-                    _compiled(variants[v], slp[v], *args)
-                    return None, p
                 t = time.perf_counter()
-                variants[v](*args)
+                variants[v](*spec, p, X, Y, order, rule.hyper(), state.step, state.buffers, np.empty(0, np.float32))
                 return (time.perf_counter() - t) / N * 1e9, p
             ends = {v: epoch(v)[1] for v in variants}  # compiles (first rule) or warms, untimed
             ns = {v: [] for v in variants}

@@ -281,9 +281,10 @@ class NumbaBackend(Backend):
     # held transposed for the epoch (numba_kernels.FIRST_TRANSPOSED): OpenBLAS's small-matrix
     # kernel for ``X @ W.T`` runs at about half the rate of its ``X @ Wt``, and the first
     # layer forms no input delta, the one product the transposed layout slows (its forward +
-    # weight gradient at 0.73-0.86x the time from 16x64x64 to 32x128x128, 1.00x at 1M
-    # multiply-adds on one thread and mixed beyond; 64-64-10 batch 32 fits 0.86-0.88x the
-    # time per step: benchmarks/results/batch-step-ab-20261208T021208Z.json).
+    # weight gradient on one BLAS thread, as the epoch runs products this small, at
+    # 0.75-0.86x the time from 16x64x64 to 32x128x128, 1.00x at 1M multiply-adds; on two
+    # 0.73-1.02x; 64-64-10 batch 32 fits 0.86-0.88x the time per step:
+    # benchmarks/results/batch-step-ab-20261208T021208Z.json).
     FIRST_TRANSPOSED_MAX = 1 << 20
     # ... and batch_size * n_params above which the model's per-batch path runs instead of a
     # compiled epoch: the compiled epoch saved 18 us per batch on 64-64-10 (14 vs 33 us) but

@@ -1546,7 +1546,7 @@ def _dot_split(P, lo, a, alo, n, zero):
 
 # A small net's per-example kernel keeps everything it writes in one buffer ``B``, at offsets
 # that are compile-time constants in the generated kernels (the sizes are): the hidden-major
-# parameters, the gradient, two state rows, then the hidden units' z, a and delta. LLVM then
+# parameters, the gradient, the hidden units' z, a and delta, then the state rows. LLVM then
 # knows no store to one of them changes another, which lets its SLP vectorizer turn the
 # unrolled loops over the hidden units into vector code (separate arrays might overlap as far
 # as it can tell, and it left them scalar).
@@ -1910,6 +1910,16 @@ def _bias_act(code, Zf, P, bo, Af, n, k):
             act_range(code, Zf, Af, np.int64(base), np.int64(k))
 
 
+@njit(cache=True, error_model="numpy", fastmath=False, inline="always")
+def _weight_gemm(alpha, D, A, beta, gW, transposed):
+    """``gW = alpha dW + beta gW`` with ``dW = D^T A`` in W's layout, or ``A^T D`` where W is
+    held transposed (``gW`` then its (n_in, n_out) view)."""
+    if transposed:
+        gemm(True, False, alpha, A, D, beta, gW)
+    else:
+        gemm(True, False, alpha, D, A, beta, gW)
+
+
 @njit(cache=True, error_model="numpy", fastmath=False)
 def _weight_step(D, A, G, wo, bo, gW, plan, neg_lr, transposed):
     """``dW = D^T @ A``, ``db = sum_rows D`` into the gradient buffer ``G`` (``gW`` its view of W)
@@ -1925,10 +1935,7 @@ def _weight_step(D, A, G, wo, bo, gW, plan, neg_lr, transposed):
     one = type(G[0])(1.0)
     if transposed or n * n_in * n_out >= plan[BACKWARD_MIN]:
         alpha, beta = (neg_lr, one) if fused else (one, type(G[0])(0.0))
-        if transposed:
-            gemm(True, False, alpha, A, D, beta, gW)
-        else:
-            gemm(True, False, alpha, D, A, beta, gW)
+        _weight_gemm(alpha, D, A, beta, gW, transposed)
         bias_grad(D, G[bo:bo + n_out], alpha, np.bool_(True))
         return
     if not fused:
@@ -2009,10 +2016,8 @@ def _momentum_step(D, A, P, G, M, wo, bo, plan, beta, keep, lr, transposed):
         _weight_step(D, A, G, wo, bo, G[wo:bo].reshape((n_out, n_in)), plan, type(lr)(0.0), False)
         _velocity_pass(P, G, M, wo, hi, beta, keep, lr)
         return
-    if transposed:
-        gemm(True, False, type(lr)(1.0), A, D, beta, M[wo:bo].reshape((n_in, n_out)))
-    else:
-        gemm(True, False, type(lr)(1.0), D, A, beta, M[wo:bo].reshape((n_out, n_in)))
+    shape = (n_in, n_out) if transposed else (n_out, n_in)
+    _weight_gemm(type(lr)(1.0), D, A, beta, M[wo:bo].reshape(shape), transposed)
     bias_grad(D, G[bo:hi], type(lr)(1.0), np.bool_(False))
     for j in range(_U(bo), _U(hi)):
         M[j] = M[j] * beta + G[j]

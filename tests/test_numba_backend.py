@@ -1395,7 +1395,7 @@ def test_generated_small_kernels_compile_with_slp_once_per_dtype():
     assert numba.config.SLP_VECTORIZE == 0 and failing.overloads == {}  # delegated to the dispatcher
 
 
-@pytest.mark.parametrize("rows", [2, 3])
+@pytest.mark.parametrize("rows", [3, 4])
 def test_small_kernel_takes_a_state_with_extra_rows(rows):
     """A small net's per-example kernel with more state rows than its rule reads (train_epoch
     accepts them): the rule's rows train as with exactly two, the others stay as they were."""
